@@ -1,0 +1,132 @@
+//! Command-line interface: `aegis-agent run | exec | status | policy check | uninstall`.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{dns::DenyRcode, telemetry::LogFormat};
+
+/// Default control socket path.
+pub const DEFAULT_SOCKET: &str = "/run/aegis/agent.sock";
+/// Default pin directory (below the node's bpffs mount).
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/aegis";
+/// Default directory below the cgroup2 mount for cgroups Aegis creates.
+pub const DEFAULT_CGROUP_ROOT: &str = "aegis";
+
+/// Aegis: kernel-enforced egress allowlists for AI-agent workloads.
+#[derive(Debug, Parser)]
+#[command(name = "aegis-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: load the kernel programs, enforce policies, serve DNS.
+    Run(RunArgs),
+    /// Run a command as an agent workload, in a cgroup the running agent enforces.
+    Exec(ExecArgs),
+    /// Print the running agent's status; exits 0 when it is ready.
+    Status(SocketArgs),
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Remove everything Aegis pinned and the cgroups it created (stop the agent first).
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SocketArgs {
+    /// Control socket of the running agent.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Directory of policy files (`*.yaml`).
+    #[arg(long, default_value = "policies")]
+    pub policies: PathBuf,
+    /// Static identity file mapping cgroup paths to identities.
+    #[arg(long)]
+    pub identities: Option<PathBuf>,
+    /// IPv4 address agent workloads' DNS is steered to; the proxy listens there. From a pod's
+    /// network namespace it must be an address of the node the pod can reach.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub dns_address: Ipv4Addr,
+    /// IPv6 address of the DNS proxy; without it, DNS over IPv6 is denied.
+    #[arg(long)]
+    pub dns_address6: Option<Ipv6Addr>,
+    /// Upstream resolver (default: the first nameserver of /etc/resolv.conf, port 53).
+    #[arg(long)]
+    pub dns_upstream: Option<SocketAddr>,
+    /// Upstream timeout, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub dns_timeout_ms: u64,
+    /// First per-identity DNS proxy port.
+    #[arg(long, default_value_t = 15300)]
+    pub dns_port_base: u16,
+    /// Answer for denied names.
+    #[arg(long, value_enum, default_value_t = DenyRcode::Nxdomain)]
+    pub dns_deny_rcode: DenyRcode,
+    /// Floor, in seconds, on how long a learned address stays allowed.
+    #[arg(long, default_value_t = 5)]
+    pub min_ttl: u64,
+    /// Most addresses one identity may have learned at once (oldest-expiring evicted first).
+    #[arg(long, default_value_t = 4096)]
+    pub max_learned: usize,
+    /// Pin directory on bpffs.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Directory below the cgroup2 mount for cgroups Aegis creates.
+    #[arg(long, default_value = DEFAULT_CGROUP_ROOT)]
+    pub cgroup_root: PathBuf,
+    /// Control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+    /// OTLP/gRPC endpoint for spans (e.g. http://127.0.0.1:4317); off when absent.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Agent name of the workload.
+    #[arg(long)]
+    pub agent: String,
+    /// Tenant of the workload (default: `default`).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Control socket of the running agent.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy directory; errors name file, line and field.
+    Check {
+        /// Directory of policy files.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Pin directory on bpffs.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Directory below the cgroup2 mount for cgroups Aegis created.
+    #[arg(long, default_value = DEFAULT_CGROUP_ROOT)]
+    pub cgroup_root: PathBuf,
+}

@@ -1,0 +1,22 @@
+//! Subcommands, one file each.
+
+mod exec;
+mod policy;
+mod run;
+mod status;
+mod uninstall;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command, PolicyCommand};
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Exec(args) => exec::exec(args),
+        Command::Status(args) => status::status(&args),
+        Command::Policy(PolicyCommand::Check { dir }) => policy::check(&dir),
+        Command::Uninstall(args) => uninstall::uninstall(&args),
+    }
+}

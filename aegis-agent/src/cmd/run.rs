@@ -1,0 +1,409 @@
+//! `aegis-agent run`: the node daemon.
+//!
+//! Start-up order matters for fail-closed behaviour: policies are validated first (a broken
+//! directory stops start-up while the pinned state of an earlier agent keeps enforcing), then
+//! the programs are loaded over the pinned maps, identity cgroups are (re)registered with their
+//! DNS listeners bound before the kernel steers to them, and only then is the agent "ready".
+//! Stopping the agent leaves the kernel enforcing; `aegis-agent uninstall` removes it.
+
+use std::{
+    collections::HashSet,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow};
+use arc_swap::ArcSwap;
+use notify::Watcher as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    cgroup,
+    cli::RunArgs,
+    control::{self, Handler, Reply},
+    dns::{self, DnsProxy},
+    ebpf::{self, AsyncEventReader, Datapath},
+    egress::{self, Enforcer},
+    identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile},
+    policy::PolicySet,
+    telemetry,
+};
+
+/// How often expired addresses and finished exec cgroups are cleaned up.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Every this many housekeeping ticks, identity sources are read again.
+const RESYNC_TICKS: u32 = 10;
+/// An exec cgroup younger than this is never collected (its process may not be in it yet).
+const EXEC_GRACE: Duration = Duration::from_secs(5);
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let _telemetry = telemetry::init(args.log_format, args.otlp_endpoint.as_deref())?;
+    let cgroup2 = cgroup::cgroup2_mount()?;
+    let policies = PolicySet::load_dir(&args.policies)
+        .map_err(|e| anyhow!("policies rejected, not starting:\n{e}"))?;
+    let upstream = match args.dns_upstream {
+        Some(u) => u,
+        None => resolv_conf_upstream(Path::new("/etc/resolv.conf"))
+            .context("no --dns-upstream given and no nameserver in /etc/resolv.conf")?,
+    };
+    if policies.is_empty() {
+        tracing::warn!(target: "aegis::policy", dir = %args.policies.display(), "no policies: every agent workload is denied all egress");
+    }
+    let (datapath, events, logger) = Datapath::load(&args.bpffs)?;
+    let settings = egress::Settings {
+        dns4: args.dns_address,
+        dns6: args.dns_address6,
+        dns_port_base: args.dns_port_base,
+        min_ttl: Duration::from_secs(args.min_ttl),
+        cgroup2: cgroup2.clone(),
+    };
+    let enforcer = Arc::new(Mutex::new(Enforcer::new(
+        datapath,
+        settings,
+        args.max_learned,
+    )?));
+    let policies = Arc::new(ArcSwap::from_pointee(policies));
+    let mut listen = vec![IpAddr::V4(args.dns_address)];
+    listen.extend(args.dns_address6.map(IpAddr::V6));
+    let dns_settings = dns::Settings {
+        listen,
+        upstream,
+        upstream_timeout: Duration::from_millis(args.dns_timeout_ms),
+        deny_rcode: args.dns_deny_rcode,
+    };
+    let node = Arc::new(Node {
+        dns: DnsProxy::new(dns_settings, enforcer.clone(), policies.clone()),
+        enforcer,
+        policies,
+        policy_dir: args.policies.clone(),
+        exec: ExecCgroups::new(cgroup2.join(&args.cgroup_root).join("exec")),
+        static_file: args
+            .identities
+            .clone()
+            .map(|p| StaticFile::new(p, cgroup2.clone())),
+        ready: AtomicBool::new(false),
+    });
+    cgroup::create(node.exec.dir())?;
+    node.sync_identities();
+    node.drop_stale();
+
+    let control = control::bind(&args.control_socket)
+        .with_context(|| format!("binding {}", args.control_socket.display()))?;
+    tokio::spawn(control::serve(control, node.clone()));
+    tokio::spawn(report_events(events.into_async()?, node.clone()));
+    if let Some(logger) = logger {
+        tokio::spawn(ebpf::forward_kernel_logs(logger));
+    }
+    tokio::spawn(housekeeping(node.clone()));
+
+    let (reload_tx, mut reload_rx) = mpsc::channel::<()>(1);
+    let _watcher = watch_policies(&args.policies, reload_tx)?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+
+    node.ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        target: "aegis::agent", bpffs = %args.bpffs.display(), cgroup2 = %cgroup2.display(),
+        policies = node.policies.load().len(), upstream = %upstream, dns = %args.dns_address,
+        "agent ready"
+    );
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                tracing::info!(target: "aegis::agent", "SIGHUP: reloading policies and identities");
+                node.reload_policies();
+                node.sync_identities();
+            }
+            Some(()) = reload_rx.recv() => {
+                // Editors write in several steps: let the directory settle.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while reload_rx.try_recv().is_ok() {}
+                node.reload_policies();
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    tracing::info!(target: "aegis::agent", "agent stopping; kernel enforcement stays in place until `aegis-agent uninstall`");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The first `nameserver` of a resolv.conf(5), on port 53.
+fn resolv_conf_upstream(path: &Path) -> Option<SocketAddr> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next()? == "nameserver").then_some(())?;
+        let ip: IpAddr = words.next()?.parse().ok()?;
+        Some(SocketAddr::new(ip, aegis_common::DNS_PORT))
+    })
+}
+
+/// Sends a reload request whenever a file in the policy directory changes.
+fn watch_policies(dir: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    Ok(watcher)
+}
+
+/// Shared state of the running agent.
+struct Node {
+    enforcer: Arc<Mutex<Enforcer>>,
+    policies: Arc<ArcSwap<PolicySet>>,
+    policy_dir: PathBuf,
+    dns: DnsProxy,
+    exec: ExecCgroups,
+    static_file: Option<StaticFile>,
+    ready: AtomicBool,
+}
+
+// === impl Node ===
+
+impl Node {
+    fn enforcer(&self) -> std::sync::MutexGuard<'_, Enforcer> {
+        self.enforcer.lock().expect("enforcer lock poisoned")
+    }
+
+    /// Binds the identity's DNS listeners, then registers the cgroup (so the kernel never
+    /// steers DNS to a port nobody listens on).
+    fn ensure_registered(&self, cg: &IdentityCgroup) -> anyhow::Result<u64> {
+        let port = self.enforcer().port_for(&cg.identity)?;
+        self.dns
+            .serve_identity(&cg.identity, port)
+            .with_context(|| format!("binding the DNS proxy port {port} of {}", cg.identity))?;
+        Ok(self.enforcer().register(cg, &self.policies.load())?)
+    }
+
+    /// Registers every cgroup the sources report and unregisters those they no longer do. A
+    /// source that cannot be read keeps its cgroups as they were.
+    fn sync_identities(&self) {
+        let mut sources: Vec<&dyn IdentitySource> = vec![&self.exec];
+        if let Some(s) = &self.static_file {
+            sources.push(s);
+        }
+        let mut wanted = HashSet::new();
+        let mut failed_sources = false;
+        for source in sources {
+            match source.cgroups() {
+                Ok(cgroups) => {
+                    for cg in cgroups {
+                        match self.ensure_registered(&cg) {
+                            Ok(id) => {
+                                wanted.insert(id);
+                            }
+                            Err(e) => {
+                                tracing::warn!(target: "aegis::identity", source = source.name(), cgroup = %cg.path.display(), error = %format!("{e:#}"), "cannot register identity cgroup")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    failed_sources = true;
+                    tracing::error!(target: "aegis::identity", source = source.name(), error = %e, "identity source unreadable; keeping its cgroups");
+                }
+            }
+        }
+        if failed_sources {
+            return;
+        }
+        let gone: Vec<u64> = self
+            .enforcer()
+            .cgroups()
+            .keys()
+            .filter(|id| !wanted.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Err(e) = self.enforcer().unregister(id) {
+                tracing::warn!(target: "aegis::identity", cgroup_id = id, error = %e, "cannot unregister cgroup");
+            }
+        }
+    }
+
+    /// Drops kernel identity entries and links of cgroups no source reports (left by an
+    /// earlier agent for cgroups that are gone).
+    fn drop_stale(&self) {
+        let mut enforcer = self.enforcer();
+        for id in enforcer.stale_kernel_cgroups() {
+            match enforcer.drop_stale(id) {
+                Ok(()) => {
+                    tracing::info!(target: "aegis::identity", cgroup_id = id, "dropped stale identity cgroup")
+                }
+                Err(e) => {
+                    tracing::warn!(target: "aegis::identity", cgroup_id = id, error = %e, "cannot drop stale identity cgroup")
+                }
+            }
+        }
+    }
+
+    /// Loads the policy directory; a clean load is applied to the kernel and swapped in, a
+    /// broken one is reported and the policies in force stay.
+    fn reload_policies(&self) {
+        let new = match PolicySet::load_dir(&self.policy_dir) {
+            Ok(set) => set,
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(target: "aegis::policy", file = %e.file.display(), line = e.line, column = e.column, error = %e.message, "{e}");
+                }
+                tracing::error!(target: "aegis::policy", errors = errors.0.len(), "policy reload rejected; the policies in force stay");
+                return;
+            }
+        };
+        if let Err(e) = self.enforcer().apply_policies(&new) {
+            tracing::error!(target: "aegis::policy", error = %e, "applying the new policies to the kernel failed; retrying on the next change");
+            return;
+        }
+        let versions: Vec<String> = new
+            .iter()
+            .map(|p| format!("{}={}", p.agent, p.version))
+            .collect();
+        self.policies.store(Arc::new(new));
+        tracing::info!(target: "aegis::policy", versions = ?versions, "policies reloaded");
+    }
+
+    /// Removes exec cgroups whose processes have all exited.
+    fn collect_exec_cgroups(&self) {
+        let done: Vec<(u64, PathBuf)> = self
+            .enforcer()
+            .cgroups()
+            .iter()
+            .filter(|(_, r)| r.path.starts_with(self.exec.dir()) && r.since.elapsed() > EXEC_GRACE)
+            .filter(|(_, r)| !cgroup::is_populated(&r.path).unwrap_or(false))
+            .map(|(id, r)| (*id, r.path.clone()))
+            .collect();
+        for (id, path) in done {
+            if let Err(e) = self.enforcer().unregister(id) {
+                tracing::warn!(target: "aegis::identity", cgroup_id = id, error = %e, "cannot unregister finished exec cgroup");
+                continue;
+            }
+            if let Err(e) = cgroup::remove(&path, Duration::from_secs(1)) {
+                tracing::warn!(target: "aegis::identity", cgroup = %path.display(), error = %e, "cannot remove finished exec cgroup");
+            }
+        }
+    }
+}
+
+impl Handler for Node {
+    fn exec(&self, pid: u32, agent: &str, tenant: Option<&str>) -> Result<Reply, String> {
+        let identity = Identity::new(agent, tenant)?;
+        let path = self.exec.path_for(&identity, pid);
+        cgroup::create(&path).map_err(|e| e.to_string())?;
+        let cg = IdentityCgroup {
+            path: path.clone(),
+            identity: identity.clone(),
+        };
+        let placed = self
+            .ensure_registered(&cg)
+            .and_then(|_| Ok(cgroup::move_process(&path, pid)?));
+        if let Err(e) = placed {
+            if let Ok(id) = cgroup::cgroup_id(&path) {
+                let _ = self.enforcer().unregister(id);
+            }
+            let _ = cgroup::remove(&path, Duration::from_secs(1));
+            return Err(format!("{e:#}"));
+        }
+        let policies = self.policies.load();
+        let policy_version = policies
+            .for_identity(identity.agent.as_str(), identity.tenant.as_str())
+            .map(|p| p.version);
+        tracing::info!(target: "aegis::identity", pid, identity = %identity, cgroup = %path.display(), policy_version, "exec workload placed");
+        Ok(Reply::Exec {
+            cgroup: path,
+            identity: identity.id(),
+            policy_version,
+        })
+    }
+
+    fn status(&self) -> Reply {
+        let enforcer = self.enforcer();
+        Reply::Status {
+            ready: self.ready.load(Ordering::SeqCst),
+            cgroups: enforcer.cgroups().len(),
+            policies: self.policies.load().len(),
+            learned: enforcer.learned_total(),
+        }
+    }
+}
+
+async fn report_events(mut reader: AsyncEventReader, node: Arc<Node>) {
+    loop {
+        let events = match reader.next_batch().await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(target: "aegis::agent", error = %e, "deny event ring unreadable; events stop (enforcement does not)");
+                return;
+            }
+        };
+        let policies = node.policies.load();
+        for ev in events {
+            let who = node.enforcer().identity(ev.identity).cloned();
+            let version = who
+                .as_ref()
+                .and_then(|i| policies.for_identity(i.agent.as_str(), i.tenant.as_str()))
+                .map_or(0, |p| p.version);
+            telemetry::kernel_event(&ev, who.as_ref(), version);
+        }
+    }
+}
+
+async fn housekeeping(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING);
+    let mut n = 0u32;
+    loop {
+        tick.tick().await;
+        if let Err(e) = node.enforcer().expire() {
+            tracing::warn!(target: "aegis::agent", error = %e, "cannot remove expired addresses");
+        }
+        node.collect_exec_cgroups();
+        n = n.wrapping_add(1);
+        if n % RESYNC_TICKS == 0 {
+            node.sync_identities();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_is_the_first_nameserver() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        fs::write(
+            &path,
+            "# comment\nsearch example\nnameserver fd00::53\nnameserver 10.0.0.1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resolv_conf_upstream(&path),
+            Some("[fd00::53]:53".parse().unwrap())
+        );
+        fs::write(&path, "options ndots:2\n").unwrap();
+        assert_eq!(resolv_conf_upstream(&path), None);
+    }
+}

@@ -1,0 +1,455 @@
+//! The node's DNS proxy. The kernel steers every DNS query of an agent workload (UDP and TCP
+//! port 53, whatever resolver it names) to the proxy port of the workload's identity, so the
+//! port the query arrives on says who asks: an agent cannot claim another's identity.
+//!
+//! For each query: names the identity's policy does not allow are answered NXDOMAIN (or
+//! REFUSED) and reported; allowed names are forwarded to the upstream resolver, the addresses of
+//! the answer's CNAME chain are written into the identity's allowlist in the kernel, and only
+//! then is the answer released. If the kernel write fails the client gets SERVFAIL, never an
+//! answer it could not use. Malformed queries get FORMERR (or nothing when not even the header
+//! parses); nothing a client sends can stop the proxy.
+//!
+//! Wire format: hickory-proto (RFC 1035; TCP framing RFC 1035 section 4.2.2 / RFC 7766).
+
+use std::{
+    collections::HashSet,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{Name, RData},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    sync::Semaphore,
+    time::timeout,
+};
+
+use crate::{
+    egress::Enforcer,
+    identity::Identity,
+    policy::{Mode, PolicySet, Ports},
+};
+
+/// Queries answered at once per listener; beyond, UDP queries are dropped (clients retry)
+/// rather than letting a flood grow memory without bound.
+const MAX_IN_FLIGHT: usize = 4096;
+/// How long a TCP client may stay idle between queries (RFC 7766 section 6.2.3 suggests
+/// seconds).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Largest DNS message over UDP we accept from the upstream (EDNS buffers rarely exceed it).
+const MAX_UDP: usize = 4096;
+
+/// Answer to names a policy denies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DenyRcode {
+    /// NXDOMAIN (RFC 1035): the name does not exist for this workload.
+    Nxdomain,
+    /// REFUSED (RFC 1035): the server will not answer.
+    Refused,
+}
+
+/// Settings of the proxy.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Addresses the per-identity listeners bind (the node's DNS proxy addresses).
+    pub listen: Vec<IpAddr>,
+    /// Upstream resolver.
+    pub upstream: SocketAddr,
+    /// How long to wait for the upstream.
+    pub upstream_timeout: Duration,
+    pub deny_rcode: DenyRcode,
+}
+
+/// The proxy: one UDP and one TCP listener per identity port and listen address.
+#[derive(Clone)]
+pub struct DnsProxy {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: Settings,
+    enforcer: Arc<Mutex<Enforcer>>,
+    policies: Arc<ArcSwap<PolicySet>>,
+    bound: Mutex<HashSet<u16>>,
+}
+
+/// What the policy says about a name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    Allow(Ports),
+    Deny,
+    /// Shadow mode: would be denied; forwarded without learning its addresses.
+    WouldDeny,
+}
+
+// === impl DnsProxy ===
+
+impl DnsProxy {
+    /// A proxy that learns into `enforcer` under the policies in `policies`.
+    pub fn new(
+        settings: Settings,
+        enforcer: Arc<Mutex<Enforcer>>,
+        policies: Arc<ArcSwap<PolicySet>>,
+    ) -> DnsProxy {
+        DnsProxy {
+            shared: Arc::new(Shared {
+                settings,
+                enforcer,
+                policies,
+                bound: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// Binds the listeners of `identity` on `port` (once; later calls return at once) and
+    /// serves them in background tasks. Must run inside the tokio runtime.
+    ///
+    /// # Errors
+    /// A listen address or port cannot be bound.
+    pub fn serve_identity(&self, identity: &Identity, port: u16) -> io::Result<()> {
+        let mut bound = self.shared.bound.lock().expect("lock poisoned");
+        if bound.contains(&port) {
+            return Ok(());
+        }
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        for ip in &self.shared.settings.listen {
+            let addr = SocketAddr::new(*ip, port);
+            let std_udp = std::net::UdpSocket::bind(addr)?;
+            std_udp.set_nonblocking(true)?;
+            udp.push(UdpSocket::from_std(std_udp)?);
+            let socket = if ip.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            tcp.push(socket.listen(1024)?);
+        }
+        let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        for socket in udp {
+            tokio::spawn(serve_udp(
+                self.shared.clone(),
+                identity.clone(),
+                Arc::new(socket),
+                limit.clone(),
+            ));
+        }
+        for listener in tcp {
+            tokio::spawn(serve_tcp(
+                self.shared.clone(),
+                identity.clone(),
+                listener,
+                limit.clone(),
+            ));
+        }
+        bound.insert(port);
+        Ok(())
+    }
+}
+
+async fn serve_udp(
+    shared: Arc<Shared>,
+    identity: Identity,
+    socket: Arc<UdpSocket>,
+    limit: Arc<Semaphore>,
+) {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (len, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(target: "aegis::dns", error = %e, "DNS receive failed");
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::debug!(target: "aegis::dns", %peer, "DNS query dropped: too many in flight");
+            continue;
+        };
+        let query = buf[..len].to_vec();
+        let (shared, identity, socket) = (shared.clone(), identity.clone(), socket.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = answer(&shared, &identity, &query, Transport::Udp).await
+                && let Err(e) = socket.send_to(&reply, peer).await
+            {
+                tracing::debug!(target: "aegis::dns", %peer, error = %e, "DNS reply not sent");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tcp(
+    shared: Arc<Shared>,
+    identity: Identity,
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(target: "aegis::dns", error = %e, "DNS TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (shared, identity, limit) = (shared.clone(), identity.clone(), limit.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_tcp_conn(&shared, &identity, stream, &limit).await {
+                tracing::debug!(target: "aegis::dns", %peer, error = %e, "DNS TCP connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_tcp_conn(
+    shared: &Shared,
+    identity: &Identity,
+    mut stream: TcpStream,
+    limit: &Semaphore,
+) -> io::Result<()> {
+    loop {
+        let Ok(len) = timeout(TCP_IDLE, stream.read_u16()).await else {
+            return Ok(());
+        };
+        let len = match len {
+            Ok(len) => usize::from(len),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut query = vec![0u8; len];
+        timeout(TCP_IDLE, stream.read_exact(&mut query))
+            .await
+            .map_err(|_| io::ErrorKind::TimedOut)??;
+        let _permit = limit.acquire().await.map_err(io::Error::other)?;
+        if let Some(reply) = answer(shared, identity, &query, Transport::Tcp).await {
+            let len = u16::try_from(reply.len())
+                .map_err(|_| io::Error::other("reply over 65535 bytes"))?;
+            stream.write_u16(len).await?;
+            stream.write_all(&reply).await?;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Answers one query of `identity`; `None` when nothing should be sent back.
+async fn answer(
+    shared: &Shared,
+    identity: &Identity,
+    query: &[u8],
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let request = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(target: "aegis::dns", %identity, error = %e, "malformed DNS query");
+            // FORMERR needs at least the ID (RFC 1035 section 4.1.1).
+            let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
+            return error_reply(id, None, ResponseCode::FormErr);
+        }
+    };
+    if request.message_type() != MessageType::Query {
+        return None;
+    }
+    if request.op_code() != OpCode::Query {
+        return error_reply(request.id(), None, ResponseCode::NotImp);
+    }
+    let [question] = request.queries() else {
+        return error_reply(request.id(), None, ResponseCode::FormErr);
+    };
+    let qname = normalize(question.name());
+    let policies = shared.policies.load();
+    let policy = policies.for_identity(identity.agent.as_str(), identity.tenant.as_str());
+    let verdict = match policy.and_then(|p| p.fqdn_ports(&qname)) {
+        Some(ports) => Verdict::Allow(ports),
+        None if policy.is_some_and(|p| p.mode == Mode::Shadow) => Verdict::WouldDeny,
+        None => Verdict::Deny,
+    };
+    let policy_version = policy.map_or(0, |p| p.version);
+    let qtype = question.query_type();
+    if verdict == Verdict::Deny {
+        let rcode = match shared.settings.deny_rcode {
+            DenyRcode::Nxdomain => ResponseCode::NXDomain,
+            DenyRcode::Refused => ResponseCode::Refused,
+        };
+        tracing::warn!(
+            target: "aegis::event", event = "dns_denied", verdict = "denied", agent = %identity.agent,
+            tenant = %identity.tenant, identity = identity.id(), policy_version, qname = %qname,
+            qtype = %qtype, rcode = %rcode, "DNS query denied"
+        );
+        return error_reply(request.id(), Some(question.clone()), rcode);
+    }
+
+    let reply = match exchange(&shared.settings, query, transport).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::warn!(target: "aegis::dns", %identity, qname = %qname, upstream = %shared.settings.upstream, error = %e, "upstream DNS failed");
+            return error_reply(request.id(), Some(question.clone()), ResponseCode::ServFail);
+        }
+    };
+    let mut reply_bytes = reply.bytes;
+    let addrs = chain_addresses(&reply.message, question.name());
+    match verdict {
+        Verdict::Allow(ports) => {
+            if !addrs.is_empty() {
+                let learned = shared.enforcer.lock().expect("lock poisoned").learn(
+                    identity.id(),
+                    &qname,
+                    &ports,
+                    &addrs,
+                );
+                if let Err(e) = learned {
+                    tracing::error!(target: "aegis::dns", %identity, qname = %qname, error = %e, "cannot allow answer addresses in the kernel");
+                    return error_reply(
+                        request.id(),
+                        Some(question.clone()),
+                        ResponseCode::ServFail,
+                    );
+                }
+            }
+            tracing::info!(
+                target: "aegis::event", event = "dns_allowed", agent = %identity.agent, tenant = %identity.tenant,
+                identity = identity.id(), policy_version, qname = %qname, qtype = %qtype,
+                addrs = ?addrs.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(),
+                ttl = addrs.iter().map(|(_, t)| *t).min(), "DNS answer allowed"
+            );
+        }
+        Verdict::WouldDeny | Verdict::Deny => {
+            tracing::warn!(
+                target: "aegis::event", event = "dns_denied", verdict = "would_deny", agent = %identity.agent,
+                tenant = %identity.tenant, identity = identity.id(), policy_version, qname = %qname,
+                qtype = %qtype, "DNS query would be denied (shadow mode)"
+            );
+        }
+    }
+    // The upstream saw our ID; the client expects its own.
+    reply_bytes[..2].copy_from_slice(&request.id().to_be_bytes());
+    Some(reply_bytes)
+}
+
+/// `name` lowercase, without the root dot.
+fn normalize(name: &Name) -> String {
+    let s = name.to_lowercase().to_ascii();
+    s.strip_suffix('.').unwrap_or(&s).to_owned()
+}
+
+fn error_reply(id: u16, question: Option<Query>, rcode: ResponseCode) -> Option<Vec<u8>> {
+    let mut m = Message::error_msg(id, OpCode::Query, rcode);
+    m.set_recursion_desired(true).set_recursion_available(true);
+    if let Some(q) = question {
+        m.add_query(q);
+    }
+    m.to_vec().ok()
+}
+
+/// The addresses (with TTLs) an answer gives for `qname`: A and AAAA records owned by the
+/// name or by a name its CNAME chain leads to. Records for other names are ignored, so an
+/// upstream cannot open the door to an unrelated address by stuffing the answer section.
+fn chain_addresses(reply: &Message, qname: &Name) -> Vec<(IpAddr, u32)> {
+    let mut names = vec![qname.to_lowercase()];
+    // A chain longer than the answer is impossible; bound the walk by the record count.
+    for _ in 0..reply.answers().len() {
+        let mut grew = false;
+        for r in reply.answers() {
+            if let RData::CNAME(target) = r.data() {
+                let target = target.0.to_lowercase();
+                if names.contains(&r.name().to_lowercase()) && !names.contains(&target) {
+                    names.push(target);
+                    grew = true;
+                }
+            }
+        }
+        if !grew {
+            break;
+        }
+    }
+    reply
+        .answers()
+        .iter()
+        .filter(|r| names.contains(&r.name().to_lowercase()))
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some((IpAddr::V4(a.0), r.ttl())),
+            RData::AAAA(a) => Some((IpAddr::V6(a.0), r.ttl())),
+            _ => None,
+        })
+        .collect()
+}
+
+struct Reply {
+    message: Message,
+    bytes: Vec<u8>,
+}
+
+/// Sends `query` to the upstream under a fresh random ID (RFC 5452) over `transport`, and
+/// returns the matching reply.
+async fn exchange(settings: &Settings, query: &[u8], transport: Transport) -> io::Result<Reply> {
+    let id: u16 = rand::random();
+    let mut out = query.to_vec();
+    out[..2].copy_from_slice(&id.to_be_bytes());
+    let asked = Message::from_vec(query).map_err(io::Error::other)?;
+    let work = async {
+        match transport {
+            Transport::Udp => {
+                let bind: SocketAddr = if settings.upstream.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    ([0u16; 8], 0).into()
+                };
+                let socket = UdpSocket::bind(bind).await?;
+                socket.connect(settings.upstream).await?;
+                socket.send(&out).await?;
+                let mut buf = vec![0u8; MAX_UDP];
+                loop {
+                    let len = socket.recv(&mut buf).await?;
+                    if let Some(reply) = matching(&buf[..len], id, &asked) {
+                        return Ok(reply);
+                    }
+                }
+            }
+            Transport::Tcp => {
+                let mut stream = TcpStream::connect(settings.upstream).await?;
+                let len = u16::try_from(out.len()).map_err(io::Error::other)?;
+                stream.write_u16(len).await?;
+                stream.write_all(&out).await?;
+                let len = stream.read_u16().await?;
+                let mut buf = vec![0u8; usize::from(len)];
+                stream.read_exact(&mut buf).await?;
+                matching(&buf, id, &asked)
+                    .ok_or_else(|| io::Error::other("upstream reply does not match the query"))
+            }
+        }
+    };
+    timeout(settings.upstream_timeout, work)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream timed out"))?
+}
+
+/// The reply if it answers our query: same ID, a response, the same question.
+fn matching(bytes: &[u8], id: u16, asked: &Message) -> Option<Reply> {
+    let message = Message::from_vec(bytes).ok()?;
+    let same = message.id() == id
+        && message.message_type() == MessageType::Response
+        && message.queries() == asked.queries();
+    same.then(|| Reply {
+        message,
+        bytes: bytes.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! Egress policy: YAML files in a directory, one policy per file, each for one agent (and
+//! optionally one tenant). The schema is documented in `docs/policy.md`.
+//!
+//! Loading is all-or-nothing: [`PolicySet::load_dir`] returns either a complete, validated set or
+//! every error found, each naming file, line and column. The running agent swaps a new set in
+//! only when it loaded cleanly, so a broken file never weakens (or widens) enforcement.
+//!
+//! Raw serde types (`raw`) reject unknown fields; values that carry syntax (FQDN patterns, CIDRs,
+//! names, ports) are checked while deserializing, so their errors point at the offending line.
+
+mod raw;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt, fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use ipnet::IpNet;
+
+pub use raw::{FqdnPattern, Name};
+
+/// Most distinct ports an identity's egress rules may name together: the kernel's allowlist
+/// value holds [`aegis_common::MAX_PORTS`] ports.
+pub const MAX_DISTINCT_PORTS: usize = aegis_common::MAX_PORTS;
+
+/// Enforcement mode of a policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Denials are enforced.
+    Enforce,
+    /// Would-be denials are reported and the call is allowed.
+    Shadow,
+}
+
+/// Ports a rule allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ports {
+    /// Every port.
+    Any,
+    /// Only these ports (sorted, deduplicated, at most [`MAX_DISTINCT_PORTS`]).
+    Only(BTreeSet<u16>),
+}
+
+impl Ports {
+    /// Union of two port sets.
+    pub fn union(&self, other: &Ports) -> Ports {
+        match (self, other) {
+            (Ports::Only(a), Ports::Only(b)) => Ports::Only(a.union(b).copied().collect()),
+            _ => Ports::Any,
+        }
+    }
+}
+
+/// Where an egress rule allows traffic to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Addresses learned from DNS answers to names matching the pattern.
+    Fqdn(FqdnPattern),
+    /// A literal network.
+    Cidr(IpNet),
+}
+
+/// One entry of a policy's `egress` list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressRule {
+    pub destination: Destination,
+    pub ports: Ports,
+}
+
+/// A validated policy for one agent (and optionally one tenant).
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// File the policy came from.
+    pub source: PathBuf,
+    pub agent: Name,
+    /// `None`: applies to every tenant of the agent without a tenant-specific policy.
+    pub tenant: Option<Name>,
+    /// Policy version reported with every verdict.
+    pub version: u32,
+    pub mode: Mode,
+    pub egress: Vec<EgressRule>,
+    /// Whether raw and packet sockets are refused (default: yes).
+    pub deny_raw_sockets: bool,
+}
+
+impl Policy {
+    /// Ports allowed towards addresses learned for `qname` (lowercase, no trailing dot), or
+    /// `None` when no FQDN rule matches the name.
+    pub fn fqdn_ports(&self, qname: &str) -> Option<Ports> {
+        self.egress
+            .iter()
+            .filter_map(|rule| match &rule.destination {
+                Destination::Fqdn(pattern) if pattern.matches(qname) => Some(&rule.ports),
+                _ => None,
+            })
+            .fold(None, |acc: Option<Ports>, ports| {
+                Some(acc.map_or_else(|| ports.clone(), |acc| acc.union(ports)))
+            })
+    }
+
+    /// The literal CIDR rules.
+    pub fn cidrs(&self) -> impl Iterator<Item = (IpNet, &Ports)> {
+        self.egress
+            .iter()
+            .filter_map(|rule| match rule.destination {
+                Destination::Cidr(net) => Some((net, &rule.ports)),
+                Destination::Fqdn(_) => None,
+            })
+    }
+}
+
+/// One problem found while loading policies, located in its file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{column}: {message}", file.display())]
+pub struct PolicyError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem concerns the whole file.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Every problem found in a policy directory; displayed one per line.
+#[derive(Debug, thiserror::Error)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+/// All policies of a directory, indexed by (agent, tenant).
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    by_identity: HashMap<(String, Option<String>), Arc<Policy>>,
+}
+
+// === impl PolicySet ===
+
+impl PolicySet {
+    /// Loads every `*.yaml`/`*.yml` file directly in `dir` (subdirectories, such as test cases,
+    /// are ignored).
+    ///
+    /// # Errors
+    /// Every unreadable file, YAML or schema error, and duplicate (agent, tenant), each with
+    /// file, line and column.
+    pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
+        let whole = |message: String| {
+            PolicyErrors(vec![PolicyError {
+                file: dir.to_owned(),
+                line: 0,
+                column: 0,
+                message,
+            }])
+        };
+        let entries =
+            fs::read_dir(dir).map_err(|e| whole(format!("cannot read policy directory: {e}")))?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            })
+            .collect();
+        files.sort();
+
+        let mut set = PolicySet::default();
+        let mut errors = Vec::new();
+        for file in files {
+            let text = match fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(e) => {
+                    errors.push(PolicyError {
+                        file,
+                        line: 0,
+                        column: 0,
+                        message: format!("cannot read: {e}"),
+                    });
+                    continue;
+                }
+            };
+            match parse(&file, &text) {
+                Ok(policy) => {
+                    let key = (
+                        policy.agent.to_string(),
+                        policy.tenant.as_ref().map(ToString::to_string),
+                    );
+                    if let Some(first) = set.by_identity.get(&key) {
+                        errors.push(PolicyError {
+                            file: file.clone(),
+                            line: line_of(&text, "agent:"),
+                            column: 1,
+                            message: format!(
+                                "agent {:?} tenant {:?} already has a policy in {}",
+                                key.0,
+                                key.1.as_deref().unwrap_or("*"),
+                                first.source.display()
+                            ),
+                        });
+                        continue;
+                    }
+                    set.by_identity.insert(key, Arc::new(policy));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(set)
+        } else {
+            Err(PolicyErrors(errors))
+        }
+    }
+
+    /// The policy in force for (agent, tenant): the tenant-specific one, else the agent's
+    /// tenant-independent one.
+    pub fn for_identity(&self, agent: &str, tenant: &str) -> Option<&Arc<Policy>> {
+        self.by_identity
+            .get(&(agent.to_owned(), Some(tenant.to_owned())))
+            .or_else(|| self.by_identity.get(&(agent.to_owned(), None)))
+    }
+
+    /// Number of policies.
+    pub fn len(&self) -> usize {
+        self.by_identity.len()
+    }
+
+    /// Whether the set holds no policy.
+    pub fn is_empty(&self) -> bool {
+        self.by_identity.is_empty()
+    }
+
+    /// Every policy, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.by_identity.values()
+    }
+}
+
+/// Parses and validates one policy file.
+fn parse(file: &Path, text: &str) -> Result<Policy, PolicyError> {
+    let raw: raw::RawPolicy = serde_norway::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        PolicyError {
+            file: file.to_owned(),
+            line,
+            column,
+            message: e.to_string(),
+        }
+    })?;
+    let mut distinct = BTreeSet::new();
+    for rule in &raw.egress {
+        if let Ports::Only(ports) = &rule.ports {
+            distinct.extend(ports.iter().copied());
+        }
+    }
+    if distinct.len() > MAX_DISTINCT_PORTS {
+        return Err(PolicyError {
+            file: file.to_owned(),
+            line: line_of(text, "egress:"),
+            column: 1,
+            message: format!(
+                "egress: {} distinct ports across rules; at most {MAX_DISTINCT_PORTS} are supported",
+                distinct.len()
+            ),
+        });
+    }
+    Ok(Policy {
+        source: file.to_owned(),
+        agent: raw.agent,
+        tenant: raw.tenant,
+        version: raw.version,
+        mode: raw.mode.into(),
+        egress: raw.egress.into_iter().map(Into::into).collect(),
+        deny_raw_sockets: raw.sockets.raw == raw::SocketRule::Deny,
+    })
+}
+
+/// 1-based line of the first line starting with `key` (after indentation), or 1.
+fn line_of(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(key))
+        .map_or(1, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests;

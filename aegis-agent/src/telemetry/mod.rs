@@ -1,0 +1,249 @@
+//! Logs, deny events and OpenTelemetry export.
+//!
+//! Every log line is one JSON object on stdout (or human-readable text), fields flattened at
+//! the top level. Decisions use the target `aegis::event` and an `event` field
+//! (`egress_denied`, `dns_denied`, `dns_allowed`); the shapes are documented in
+//! `docs/events.md`. When an OTLP endpoint is configured, each event is also exported as an
+//! OpenTelemetry span (`aegis.egress`) carrying the same attributes, with the log line as a span
+//! event. OTLP is off by default.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aegis_common::{
+    AF_INET, AF_INET6, DenyEvent, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6,
+    HOOK_SOCK_CREATE, REASON_EXPIRED, REASON_NO_DNS_PROXY, REASON_NOT_ALLOWED,
+    REASON_PACKET_SOCKET, REASON_PORT_NOT_ALLOWED, REASON_RAW_SOCKET, SOCK_DGRAM, SOCK_RAW,
+    SOCK_STREAM, VERDICT_DENIED, VERDICT_WOULD_DENY,
+};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+use tracing_subscriber::{
+    EnvFilter, Layer as _, filter::filter_fn, layer::SubscriberExt as _,
+    util::SubscriberInitExt as _,
+};
+
+use crate::identity::Identity;
+
+/// Target of decision events.
+pub const EVENT_TARGET: &str = "aegis::event";
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Errors setting up telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("OTLP exporter for {endpoint}: {source}")]
+    Otlp {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("installing the log subscriber: {0}")]
+    Subscriber(String),
+}
+
+/// Keeps the OTLP pipeline alive; flushes it on drop.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("aegis-agent: flushing OTLP spans: {e}");
+        }
+    }
+}
+
+/// Installs the global subscriber: logs in `format` (level from `RUST_LOG`, default `info`)
+/// and, if `otlp_endpoint` is set, span export over OTLP/gRPC. Must run inside the tokio
+/// runtime when OTLP is on.
+///
+/// # Errors
+/// The exporter cannot be built or a subscriber is already installed.
+pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_filter(filter())
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_filter(filter())
+            .boxed(),
+    };
+    let (otel, provider) = match otlp_endpoint {
+        None => (None, None),
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|source| TelemetryError::Otlp {
+                    endpoint: endpoint.to_owned(),
+                    source,
+                })?;
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(Resource::builder().with_service_name("aegis-agent").build())
+                .build();
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("aegis-agent"))
+                .with_filter(filter_fn(|m| m.target() == EVENT_TARGET));
+            (Some(layer), Some(provider))
+        }
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
+    Ok(Telemetry { provider })
+}
+
+/// Name of a `REASON_*` code, as it appears in events.
+pub fn reason_name(code: u32) -> &'static str {
+    match code {
+        REASON_NOT_ALLOWED => "not_allowed",
+        REASON_EXPIRED => "ttl_expired",
+        REASON_PORT_NOT_ALLOWED => "port_not_allowed",
+        REASON_RAW_SOCKET => "raw_socket",
+        REASON_PACKET_SOCKET => "packet_socket",
+        REASON_NO_DNS_PROXY => "no_dns_proxy",
+        _ => "unknown",
+    }
+}
+
+fn hook_name(code: u32) -> &'static str {
+    match code {
+        HOOK_CONNECT4 => "connect4",
+        HOOK_CONNECT6 => "connect6",
+        HOOK_SENDMSG4 => "sendmsg4",
+        HOOK_SENDMSG6 => "sendmsg6",
+        HOOK_SOCK_CREATE => "sock_create",
+        _ => "unknown",
+    }
+}
+
+fn protocol_name(sock_type: u32, protocol: u16) -> String {
+    match (sock_type, protocol) {
+        (SOCK_STREAM, _) => "tcp".into(),
+        (SOCK_DGRAM, _) => "udp".into(),
+        (SOCK_RAW, p) => format!("raw/{p}"),
+        (t, p) => format!("type{t}/{p}"),
+    }
+}
+
+/// The destination of a kernel event, if it has one.
+pub fn event_destination(ev: &DenyEvent) -> Option<IpAddr> {
+    if ev.hook == HOOK_SOCK_CREATE {
+        return None;
+    }
+    match ev.family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3],
+        ))),
+        AF_INET6 => {
+            let v6 = Ipv6Addr::from(ev.addr);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
+}
+
+/// Logs (and exports) one kernel deny event. `who` is the identity registered for the event's
+/// numeric identity, if any; `policy_version` the version in force.
+pub fn kernel_event(ev: &DenyEvent, who: Option<&Identity>, policy_version: u32) {
+    let comm_len = ev
+        .comm
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(ev.comm.len());
+    let comm = String::from_utf8_lossy(&ev.comm[..comm_len]);
+    let verdict = match ev.verdict {
+        VERDICT_DENIED => "denied",
+        VERDICT_WOULD_DENY => "would_deny",
+        _ => "unknown",
+    };
+    let agent = who.map_or("unknown", |i| i.agent.as_str());
+    let tenant = who.map_or("unknown", |i| i.tenant.as_str());
+    let dst = event_destination(ev)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let reason = reason_name(ev.reason);
+    let hook = hook_name(ev.hook);
+    let protocol = protocol_name(ev.sock_type, ev.protocol);
+    let span = tracing::warn_span!(
+        target: EVENT_TARGET, "aegis.egress",
+        agent, tenant, identity = ev.identity, policy_version, verdict, reason, hook,
+        dst = %dst, port = ev.port, protocol = %protocol, pid = ev.pid, comm = %comm, cgroup_id = ev.cgroup_id
+    );
+    let _enter = span.enter();
+    tracing::warn!(
+        target: EVENT_TARGET, event = "egress_denied", verdict, reason, hook, agent, tenant,
+        identity = ev.identity, policy_version, cgroup_id = ev.cgroup_id, pid = ev.pid, comm = %comm,
+        family = ev.family, dst = %dst, port = ev.port, protocol = %protocol,
+        "egress {verdict}: {comm} ({agent}@{tenant}) to {dst}:{} ({reason})", ev.port
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(family: u32, addr: [u8; 16]) -> DenyEvent {
+        DenyEvent {
+            ts_ns: 0,
+            cgroup_id: 1,
+            identity: 2,
+            pid: 3,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            verdict: VERDICT_DENIED,
+            reason: REASON_NOT_ALLOWED,
+            hook: HOOK_CONNECT6,
+            family,
+            addr,
+            port: 443,
+            protocol: 6,
+            sock_type: SOCK_STREAM,
+        }
+    }
+
+    #[test]
+    fn mapped_v6_destinations_read_as_ipv4() {
+        let mut a = [0u8; 16];
+        a[10] = 0xff;
+        a[11] = 0xff;
+        a[12..].copy_from_slice(&[198, 18, 1, 9]);
+        assert_eq!(
+            event_destination(&event(AF_INET6, a)),
+            Some(IpAddr::from([198, 18, 1, 9]))
+        );
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[198, 18, 1, 10]);
+        assert_eq!(
+            event_destination(&event(AF_INET, v4)),
+            Some(IpAddr::from([198, 18, 1, 10]))
+        );
+    }
+
+    #[test]
+    fn codes_have_names() {
+        assert_eq!(reason_name(REASON_EXPIRED), "ttl_expired");
+        assert_eq!(hook_name(HOOK_SOCK_CREATE), "sock_create");
+        assert_eq!(protocol_name(SOCK_RAW, 1), "raw/1");
+    }
+}
