@@ -143,7 +143,7 @@ impl IdentitySource for StaticFile {
                 path: self.path.clone(),
                 line,
                 column,
-                message: e.to_string(),
+                message: crate::policy::yaml_message(&e),
             }
         })?;
         Ok(raw
@@ -278,7 +278,9 @@ mod tests {
         )
         .unwrap();
         match src.cgroups() {
-            Err(IdentityError::Parse { line, .. }) => assert_eq!(line, 2),
+            Err(IdentityError::Parse { line, .. }) => {
+                assert_eq!(line, 4, "the unknown field's own line")
+            }
             other => panic!("expected a parse error, got {other:?}"),
         }
     }

@@ -248,7 +248,7 @@ fn parse(file: &Path, text: &str) -> Result<Policy, PolicyError> {
             file: file.to_owned(),
             line,
             column,
-            message: e.to_string(),
+            message: yaml_message(&e),
         }
     })?;
     let mut distinct = BTreeSet::new();
@@ -277,6 +277,16 @@ fn parse(file: &Path, text: &str) -> Result<Policy, PolicyError> {
         egress: raw.egress.into_iter().map(Into::into).collect(),
         deny_raw_sockets: raw.sockets.raw == raw::SocketRule::Deny,
     })
+}
+
+/// The message of a YAML error without the " at line L column C" suffix (the location is
+/// reported separately, as `file:line:column`).
+pub fn yaml_message(e: &serde_norway::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) if e.location().is_some() => text[..i].to_owned(),
+        _ => text,
+    }
 }
 
 /// 1-based line of the first line starting with `key` (after indentation), or 1.

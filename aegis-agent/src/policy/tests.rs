@@ -58,8 +58,13 @@ fn errors_name_file_line_and_field() {
     let shown = e.to_string();
     assert!(shown.contains("bad.yaml:5:"), "{shown}");
 
+    // The unknown field is reported on its own line.
     let e = load_err("agent: a\nversion: 1\negress:\n  - fqdn: a.example.com\n    port: [443]\n");
-    assert_eq!(e.line, 4, "{e}");
+    assert_eq!(e.line, 5, "{e}");
+    assert!(
+        !e.message.contains("at line"),
+        "the location is not repeated: {e}"
+    );
     assert!(e.message.contains("unknown field `port`"), "{e}");
 
     let e = load_err("agent: a\nversion: 1\negress:\n  - cidr: 10.0.0.0/33\n");
