@@ -380,7 +380,7 @@ async fn housekeeping(node: Arc<Node>) {
         }
         node.collect_exec_cgroups();
         n = n.wrapping_add(1);
-        if n % RESYNC_TICKS == 0 {
+        if n.is_multiple_of(RESYNC_TICKS) {
             node.sync_identities();
         }
     }
