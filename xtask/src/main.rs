@@ -6,6 +6,7 @@
 //! repository root whatever the caller's working directory; the preinstalled `nightly` toolchain
 //! is used as-is and never installed or updated.
 
+mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -35,6 +36,8 @@ enum Command {
     Test(test::Args),
     /// Build the agent and run the demo.
     Demo(demo::Args),
+    /// Benchmark connect() overhead and the DNS proxy against baselines (root).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,5 +56,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ebpf(args) => ebpf::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }

@@ -140,12 +140,14 @@ impl LearnedStore {
             .insert(addr, learned);
     }
 
-    /// Removes every entry expired at `now_ns`.
-    pub fn expire(&mut self, now_ns: u64) -> Changes {
+    /// Removes every entry that expired at least `retain_ns` before `now_ns`. Until then an
+    /// expired entry stays in the kernel map, which refuses it and reports `ttl_expired`
+    /// rather than `not_allowed`.
+    pub fn expire(&mut self, now_ns: u64, retain_ns: u64) -> Changes {
         let mut changes = Changes::default();
         for (identity, table) in &mut self.by_identity {
             table.retain(|addr, l| {
-                let keep = l.expires_ns > now_ns;
+                let keep = l.expires_ns.saturating_add(retain_ns) > now_ns;
                 if !keep {
                     changes.removed.push((*identity, *addr));
                 }
@@ -266,7 +268,12 @@ mod tests {
         let mut s = LearnedStore::new(10);
         s.learn(1, ip("198.18.1.1"), "a", &Ports::Any, 100);
         s.learn(1, ip("fd00::1"), "a", &Ports::Any, 200);
-        let c = s.expire(150);
+        assert_eq!(
+            s.expire(150, 100),
+            Changes::default(),
+            "expired entries are retained for a while"
+        );
+        let c = s.expire(150, 0);
         assert_eq!(c.removed, vec![(1, ip("198.18.1.1"))]);
         assert_eq!(s.total(), 1);
     }

@@ -32,6 +32,10 @@ use crate::{
 };
 use learned::{LearnedStore, egress_value};
 
+/// How long an expired learned address stays in the kernel map (refusing connections) before
+/// it is deleted, so that denials in that window say `ttl_expired`, not `not_allowed`.
+pub const EXPIRED_RETENTION: Duration = Duration::from_secs(60);
+
 /// Errors of enforcement state changes.
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {
@@ -328,10 +332,11 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Removes learned addresses whose TTL ran out (the kernel already refuses them; this
-    /// frees the map entries).
+    /// Deletes learned addresses whose TTL ran out more than [`EXPIRED_RETENTION`] ago (the
+    /// kernel refuses them from the moment they expire; this frees the map entries).
     pub fn expire(&mut self) -> Result<(), EnforcerError> {
-        let changes = self.learned.expire(ebpf::boot_time_ns());
+        let retain = u64::try_from(EXPIRED_RETENTION.as_nanos()).unwrap_or(u64::MAX);
+        let changes = self.learned.expire(ebpf::boot_time_ns(), retain);
         self.apply_learned(changes)
     }
 

@@ -1,0 +1,223 @@
+//! `cargo xtask bench`: kernel connect() overhead and DNS proxy latency/throughput, each against
+//! a baseline measured in the same run, printed as a Markdown report (ratios included).
+//!
+//! 1. connect(): `aegis-connect-bench` in a pod namespace, as an agent workload (Aegis hooks
+//!    attached, destination allowed by a CIDR rule) and as a plain process, alternating rounds;
+//!    medians compared.
+//! 2. DNS: `dnsperf` from a pod namespace against (a) the upstream dnsmasq directly, (b) a
+//!    no-cache dnsmasq forwarder on the node (`--cache-size=0 --server=upstream`), (c) the Aegis
+//!    proxy (the pod runs as an agent workload; its queries are steered in the kernel). Once at
+//!    a fixed rate (latency percentiles from `dnsperf -v`), once at saturation (queries/s).
+//!
+//! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_CONNECT_BENCH_BIN` (connect bench
+//! binary), `AEGIS_BENCH_SECONDS` (length of each DNS run, default 10).
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use aegis_tests::world::{DnsRecord, NODE_UPLINK_V4, UPSTREAM_DNS_V4, World, workspace_root};
+
+const NAMES: usize = 200;
+const CONNECT_ROUNDS: usize = 5;
+const CONNECTS_PER_ROUND: &str = "20000";
+const FIXED_QPS: &str = "2000";
+
+fn main() {
+    let seconds: String = std::env::var("AEGIS_BENCH_SECONDS").unwrap_or_else(|_| "10".into());
+    let connect_bin = std::env::var_os("AEGIS_CONNECT_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/aegis-connect-bench"));
+
+    let mut builder = World::builder().pods(1).min_ttl(300).policy(
+        "bench.yaml",
+        "agent: bench\nversion: 1\negress:\n  - fqdn: \"*.bench.test\"\n  - cidr: 127.0.0.0/8\n",
+    );
+    let names: Vec<String> = (0..NAMES).map(|i| format!("n{i}.bench.test")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let addr = Ipv4Addr::new(198, 18, 2, (i % 250 + 1) as u8);
+        builder = builder.record(DnsRecord::new(name, Some(addr), None, 300));
+    }
+    let mut world = builder.build();
+    world.start_agent();
+
+    println!("# Aegis benchmark\n");
+    println!("machine: {} cores, kernel {}", num_cpus(), uname_r());
+    println!("agent: {}\n", world.agent_bin().display());
+
+    // === connect() ===
+    let mut plain = Vec::new();
+    let mut hooked = Vec::new();
+    let bin = connect_bin.to_string_lossy().into_owned();
+    for _ in 0..CONNECT_ROUNDS {
+        plain.push(connect_ns(&world, None, &bin));
+        hooked.push(connect_ns(&world, Some(("bench", None)), &bin));
+    }
+    let (p, h) = (median(&mut plain), median(&mut hooked));
+    println!(
+        "## connect() from a pod namespace, {CONNECT_ROUNDS} alternating rounds of {CONNECTS_PER_ROUND}\n"
+    );
+    println!("| | ns per connect (median) |\n|---|---|");
+    println!("| plain process (no Aegis hooks) | {p:.0} |");
+    println!("| agent workload (Aegis connect4 + allowlist lookup) | {h:.0} |");
+    println!(
+        "\n**ratio agent/plain: {:.3}** (overhead {:+.1}%)\n",
+        h / p,
+        (h / p - 1.0) * 100.0
+    );
+
+    // === DNS ===
+    let queries = world.dir().join("queries.txt");
+    let text: String = names.iter().map(|n| format!("{n} A\n")).collect();
+    std::fs::write(&queries, text).expect("write query file");
+    let queries = queries.to_string_lossy().into_owned();
+
+    let mut forwarder = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &world.node_ns(),
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+        ])
+        .args([
+            "--cache-size=0",
+            &format!("--server={UPSTREAM_DNS_V4}"),
+            &format!("--listen-address={NODE_UPLINK_V4}"),
+        ])
+        .args(["--bind-interfaces", "--port=53", "--pid-file="])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the dnsmasq forwarder");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let upstream = UPSTREAM_DNS_V4.to_string();
+    let node = NODE_UPLINK_V4.to_string();
+    let targets: [(&str, &str, Option<(&str, Option<&str>)>); 3] = [
+        ("direct to upstream dnsmasq", &upstream, None),
+        ("no-cache dnsmasq forwarder on the node", &node, None),
+        (
+            "Aegis DNS proxy (agent workload, steered in-kernel)",
+            &upstream,
+            Some(("bench", None)),
+        ),
+    ];
+
+    println!(
+        "## DNS at a fixed rate: {FIXED_QPS} queries/s for {seconds} s, {NAMES} names (dnsperf -Q {FIXED_QPS})\n"
+    );
+    println!("| path | p50 µs | p99 µs | lost |\n|---|---|---|---|");
+    let mut p99s = Vec::new();
+    for (label, server, agent) in targets {
+        let out = dnsperf(
+            &world,
+            agent,
+            &[
+                "-s", server, "-d", &queries, "-l", &seconds, "-Q", FIXED_QPS, "-v",
+            ],
+        );
+        let mut lat: Vec<f64> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("> NOERROR "))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|s| s * 1e6)
+            .collect();
+        let lost = field(&out, "Queries lost:").unwrap_or_default();
+        let (p50, p99) = (percentile(&mut lat, 0.50), percentile(&mut lat, 0.99));
+        println!("| {label} | {p50:.0} | {p99:.0} | {lost} |");
+        p99s.push(p99);
+    }
+    println!(
+        "\nadded p99 over direct: forwarder {:+.0} µs, Aegis {:+.0} µs\n",
+        p99s[1] - p99s[0],
+        p99s[2] - p99s[0]
+    );
+
+    println!(
+        "## DNS at saturation: {seconds} s, 4 clients, 100 outstanding queries each (dnsperf -c 4 -q 100)\n"
+    );
+    println!("| path | queries/s | ratio to direct |\n|---|---|---|");
+    let mut direct_qps = 0.0;
+    for (i, (label, server, agent)) in targets.iter().enumerate() {
+        let out = dnsperf(
+            &world,
+            *agent,
+            &[
+                "-s", server, "-d", &queries, "-l", &seconds, "-c", "4", "-q", "100",
+            ],
+        );
+        let qps: f64 = field(&out, "Queries per second:")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        if i == 0 {
+            direct_qps = qps;
+        }
+        println!("| {label} | {qps:.0} | {:.2} |", qps / direct_qps.max(1.0));
+    }
+    let _ = forwarder.kill();
+    let _ = forwarder.wait();
+}
+
+fn connect_ns(world: &World, agent: Option<(&str, Option<&str>)>, bin: &str) -> f64 {
+    let out = world.pod_exec(0, agent, &[bin, CONNECTS_PER_ROUND]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "connect bench failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("bench prints JSON");
+    v["ns_per_connect"].as_f64().expect("ns_per_connect")
+}
+
+fn dnsperf(world: &World, agent: Option<(&str, Option<&str>)>, args: &[&str]) -> String {
+    let mut argv = vec!["dnsperf"];
+    argv.extend_from_slice(args);
+    let out = world.pod_exec(0, agent, &argv);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "dnsperf failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn field(out: &str, key: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(|rest| {
+            rest.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn uname_r() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}

@@ -1,0 +1,8 @@
+//! Test support for Aegis's root-only integration tests and the demo.
+//!
+//! [`world`] builds a disposable "small world" of network namespaces (a node running the agent,
+//! an "internet" with DNS and HTTP servers, and pods running workloads) and tears it down in
+//! `Drop`. Everything here needs root, real cgroups and network namespaces; nothing is skipped
+//! silently when a prerequisite is missing.
+
+pub mod world;
