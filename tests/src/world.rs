@@ -170,6 +170,8 @@ pub struct HttpServer {
     pub v6: Option<Ipv6Addr>,
     /// TCP ports to listen on.
     pub ports: Vec<u16>,
+    /// Serve HTTPS with a self-signed certificate for `name` (see [`World::server_cert`]).
+    pub tls: bool,
 }
 
 impl HttpServer {
@@ -180,7 +182,15 @@ impl HttpServer {
             v4,
             v6,
             ports: ports.to_vec(),
+            tls: false,
         }
+    }
+
+    /// Serves HTTPS instead of HTTP, with a self-signed P-256 certificate whose subject
+    /// alternative name is the server's `name` (made with the `openssl` CLI).
+    pub fn with_tls(mut self) -> Self {
+        self.tls = true;
+        self
     }
 }
 
@@ -1115,6 +1125,33 @@ impl World {
         })
     }
 
+    /// Certificate (PEM) of the TLS server named `name`, for clients' `--cacert`.
+    pub fn server_cert(&self, name: &str) -> PathBuf {
+        self.dir.join("tls").join(format!("{name}.crt"))
+    }
+
+    fn make_cert(&self, name: &str) -> Result<(PathBuf, PathBuf), WorldError> {
+        let cert = self.server_cert(name);
+        let key = cert.with_extension("key");
+        fs::create_dir_all(self.dir.join("tls")).map_err(|e| err(format!("tls dir: {e}")))?;
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
+            .args(["-addext", &format!("subjectAltName=DNS:{name}")])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert))?;
+        Ok((cert, key))
+    }
+
     fn start_servers(&mut self, b: &WorldBuilder) -> Result<(), WorldError> {
         if b.servers.is_empty() && b.udp_echo.is_empty() {
             return Ok(());
@@ -1124,11 +1161,17 @@ impl World {
         let ready = self.dir.join("servers.ready");
         let mut http = Vec::new();
         for s in &b.servers {
+            let tls = if s.tls {
+                let (cert, key) = self.make_cert(&s.name)?;
+                serde_json::json!({"cert": cert, "key": key})
+            } else {
+                serde_json::Value::Null
+            };
             for ip in s.v4.map(IpAddr::V4).into_iter().chain(s.v6.map(IpAddr::V6)) {
                 for &port in &s.ports {
-                    http.push(
-                        serde_json::json!({"name": s.name, "addr": ip.to_string(), "port": port}),
-                    );
+                    http.push(serde_json::json!({
+                        "name": s.name, "addr": ip.to_string(), "port": port, "tls": tls,
+                    }));
                 }
             }
         }
@@ -1710,7 +1753,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// addresses in the JSON config given as argv[1]; touches the config's `ready` path once every
 /// socket is bound.
 const SERVERS_PY: &str = r#"
-import json, socket, socketserver, sys, threading
+import json, socket, socketserver, ssl, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 cfg = json.load(open(sys.argv[1]))
@@ -1746,6 +1789,10 @@ for s in cfg["http"]:
     cls = V6 if ":" in s["addr"] else V4
     srv = cls((s["addr"], s["port"]), Handler)
     srv.aegis_name = s["name"]
+    if s["tls"]:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(s["tls"]["cert"], s["tls"]["key"])
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
 def echo(sock):

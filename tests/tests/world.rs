@@ -108,30 +108,10 @@ fn two_worlds_do_not_clash() {
     assert_ne!(a.node_ns(), b.node_ns());
 }
 
-/// Helper for `stale_worlds_are_cleaned_up`: run in a child process, builds a world, prints
-/// its id and aborts, so `Drop` never runs (as if the test process had crashed).
-#[test]
-#[ignore = "helper run by stale_worlds_are_cleaned_up in a child process"]
-fn leak_a_world() {
-    if std::env::var_os("AEGIS_TESTS_LEAK").is_none() {
-        return;
-    }
-    let world = World::builder().pods(1).build();
-    println!("LEAKED {}", world.id());
-    std::process::abort();
-}
-
 #[test]
 fn stale_worlds_are_cleaned_up() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "leak_a_world",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("AEGIS_TESTS_LEAK", "1")
+    // A child that builds a world and aborts, as a crashed test would.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aegis-leak-world"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
