@@ -163,7 +163,7 @@ fn main() {
 }
 
 fn connect_ns(world: &World, agent: Option<(&str, Option<&str>)>, bin: &str) -> f64 {
-    let out = world.pod_exec(0, agent, &[bin, CONNECTS_PER_ROUND]);
+    let out = world.pod_exec(1, agent, &[bin, CONNECTS_PER_ROUND]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -177,7 +177,7 @@ fn connect_ns(world: &World, agent: Option<(&str, Option<&str>)>, bin: &str) -> 
 fn dnsperf(world: &World, agent: Option<(&str, Option<&str>)>, args: &[&str]) -> String {
     let mut argv = vec!["dnsperf"];
     argv.extend_from_slice(args);
-    let out = world.pod_exec(0, agent, &argv);
+    let out = world.pod_exec(1, agent, &argv);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

@@ -339,10 +339,17 @@ fn allowlisted_domain_reachable_over_ipv4_and_ipv6() {
     assert_curl_body(&w, &out, "hello from allowed\n", "curl -4 allowed.test");
     let out = curl(&w, 1, WEB, &["-6", "http://allowed.test/"]);
     assert_curl_body(&w, &out, "hello from allowed\n", "curl -6 allowed.test");
-    let e = w.wait_for_event("dns_allowed allowed.test", EVENT_TIMEOUT, |e| {
-        e["event"] == "dns_allowed" && same_name(&e["qname"], "allowed.test")
-    });
-    assert_fields(&e, &[("agent", "web-agent".into())]);
+    // What DNS opened is in the audit trail, once per address: A and AAAA answers.
+    for addr in [v4(10).to_string(), v6(10).to_string()] {
+        let e = w.wait_for_event(&format!("egress_learned {addr}"), EVENT_TIMEOUT, |e| {
+            e["event"] == "egress_learned"
+                && same_name(&e["qname"], "allowed.test")
+                && e["addrs"]
+                    .as_str()
+                    .is_some_and(|a| a.contains(&format!("\"{addr}\"")))
+        });
+        assert_fields(&e, &[("agent", "web-agent".into())]);
+    }
 }
 
 #[test]

@@ -89,7 +89,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         deny_rcode: args.dns_deny_rcode,
     };
     let node = Arc::new(Node {
-        dns: DnsProxy::new(dns_settings, enforcer.clone(), policies.clone()),
+        dns: DnsProxy::new(dns_settings, enforcer.clone(), policies.clone())
+            .context("opening the DNS upstream sockets")?,
         enforcer,
         policies,
         policy_dir: args.policies.clone(),

@@ -11,6 +11,8 @@
 //!
 //! Wire format: hickory-proto (RFC 1035; TCP framing RFC 1035 section 4.2.2 / RFC 7766).
 
+mod upstream;
+
 use std::{
     collections::HashSet,
     io,
@@ -43,8 +45,6 @@ const MAX_IN_FLIGHT: usize = 4096;
 /// How long a TCP client may stay idle between queries (RFC 7766 section 6.2.3 suggests
 /// seconds).
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Largest DNS message over UDP we accept from the upstream (EDNS buffers rarely exceed it).
-const MAX_UDP: usize = 4096;
 
 /// Answer to names a policy denies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -75,6 +75,7 @@ pub struct DnsProxy {
 
 struct Shared {
     settings: Settings,
+    upstream: upstream::Upstream,
     enforcer: Arc<Mutex<Enforcer>>,
     policies: Arc<ArcSwap<PolicySet>>,
     bound: Mutex<HashSet<u16>>,
@@ -92,20 +93,26 @@ enum Verdict {
 // === impl DnsProxy ===
 
 impl DnsProxy {
-    /// A proxy that learns into `enforcer` under the policies in `policies`.
+    /// A proxy that learns into `enforcer` under the policies in `policies` (must run inside
+    /// the tokio runtime).
+    ///
+    /// # Errors
+    /// The upstream sockets cannot be opened.
     pub fn new(
         settings: Settings,
         enforcer: Arc<Mutex<Enforcer>>,
         policies: Arc<ArcSwap<PolicySet>>,
-    ) -> DnsProxy {
-        DnsProxy {
+    ) -> io::Result<DnsProxy> {
+        let upstream = upstream::Upstream::new(settings.upstream, settings.upstream_timeout)?;
+        Ok(DnsProxy {
             shared: Arc::new(Shared {
                 settings,
+                upstream,
                 enforcer,
                 policies,
                 bound: Mutex::new(HashSet::new()),
             }),
-        }
+        })
     }
 
     /// Binds the listeners of `identity` on `port` (once; later calls return at once) and
@@ -295,10 +302,14 @@ async fn answer(
         return error_reply(request.id(), Some(question.clone()), rcode);
     }
 
-    let reply = match exchange(&shared.settings, query, transport).await {
+    let exchanged = match transport {
+        Transport::Udp => shared.upstream.exchange_udp(query, &request).await,
+        Transport::Tcp => shared.upstream.exchange_tcp(query, &request).await,
+    };
+    let reply = match exchanged {
         Ok(reply) => reply,
         Err(e) => {
-            tracing::warn!(target: "aegis::dns", %identity, qname = %qname, upstream = %shared.settings.upstream, error = %e, "upstream DNS failed");
+            tracing::warn!(target: "aegis::dns", %identity, qname = %qname, upstream = %shared.upstream.addr(), error = %e, "upstream DNS failed");
             return error_reply(request.id(), Some(question.clone()), ResponseCode::ServFail);
         }
     };
@@ -306,14 +317,19 @@ async fn answer(
     let addrs = chain_addresses(&reply.message, question.name());
     match verdict {
         Verdict::Allow(ports) => {
-            if !addrs.is_empty() {
-                let learned = shared.enforcer.lock().expect("lock poisoned").learn(
+            let learned = if addrs.is_empty() {
+                Ok(Vec::new())
+            } else {
+                shared.enforcer.lock().expect("lock poisoned").learn(
                     identity.id(),
                     &qname,
                     &ports,
                     &addrs,
-                );
-                if let Err(e) = learned {
+                )
+            };
+            let added = match learned {
+                Ok(added) => added,
+                Err(e) => {
                     tracing::error!(target: "aegis::dns", %identity, qname = %qname, error = %e, "cannot allow answer addresses in the kernel");
                     return error_reply(
                         request.id(),
@@ -321,12 +337,20 @@ async fn answer(
                         ResponseCode::ServFail,
                     );
                 }
+            };
+            let ttl = addrs.iter().map(|(_, t)| *t).min();
+            if !added.is_empty() {
+                // The audit trail of what DNS opened: once per address and identity.
+                tracing::info!(
+                    target: "aegis::event", event = "egress_learned", agent = %identity.agent, tenant = %identity.tenant,
+                    identity = identity.id(), policy_version, qname = %qname,
+                    addrs = ?added.iter().map(ToString::to_string).collect::<Vec<_>>(), ttl, "egress opened by DNS"
+                );
             }
-            tracing::info!(
+            tracing::debug!(
                 target: "aegis::event", event = "dns_allowed", agent = %identity.agent, tenant = %identity.tenant,
                 identity = identity.id(), policy_version, qname = %qname, qtype = %qtype,
-                addrs = ?addrs.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(),
-                ttl = addrs.iter().map(|(_, t)| *t).min(), "DNS answer allowed"
+                addrs = ?addrs.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(), ttl, "DNS answer allowed"
             );
         }
         Verdict::WouldDeny | Verdict::Deny => {
@@ -388,67 +412,6 @@ fn chain_addresses(reply: &Message, qname: &Name) -> Vec<(IpAddr, u32)> {
             _ => None,
         })
         .collect()
-}
-
-struct Reply {
-    message: Message,
-    bytes: Vec<u8>,
-}
-
-/// Sends `query` to the upstream under a fresh random ID (RFC 5452) over `transport`, and
-/// returns the matching reply.
-async fn exchange(settings: &Settings, query: &[u8], transport: Transport) -> io::Result<Reply> {
-    let id: u16 = rand::random();
-    let mut out = query.to_vec();
-    out[..2].copy_from_slice(&id.to_be_bytes());
-    let asked = Message::from_vec(query).map_err(io::Error::other)?;
-    let work = async {
-        match transport {
-            Transport::Udp => {
-                let bind: SocketAddr = if settings.upstream.is_ipv4() {
-                    ([0, 0, 0, 0], 0).into()
-                } else {
-                    ([0u16; 8], 0).into()
-                };
-                let socket = UdpSocket::bind(bind).await?;
-                socket.connect(settings.upstream).await?;
-                socket.send(&out).await?;
-                let mut buf = vec![0u8; MAX_UDP];
-                loop {
-                    let len = socket.recv(&mut buf).await?;
-                    if let Some(reply) = matching(&buf[..len], id, &asked) {
-                        return Ok(reply);
-                    }
-                }
-            }
-            Transport::Tcp => {
-                let mut stream = TcpStream::connect(settings.upstream).await?;
-                let len = u16::try_from(out.len()).map_err(io::Error::other)?;
-                stream.write_u16(len).await?;
-                stream.write_all(&out).await?;
-                let len = stream.read_u16().await?;
-                let mut buf = vec![0u8; usize::from(len)];
-                stream.read_exact(&mut buf).await?;
-                matching(&buf, id, &asked)
-                    .ok_or_else(|| io::Error::other("upstream reply does not match the query"))
-            }
-        }
-    };
-    timeout(settings.upstream_timeout, work)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream timed out"))?
-}
-
-/// The reply if it answers our query: same ID, a response, the same question.
-fn matching(bytes: &[u8], id: u16, asked: &Message) -> Option<Reply> {
-    let message = Message::from_vec(bytes).ok()?;
-    let same = message.id() == id
-        && message.message_type() == MessageType::Response
-        && message.queries() == asked.queries();
-    same.then(|| Reply {
-        message,
-        bytes: bytes.to_vec(),
-    })
 }
 
 #[cfg(test)]

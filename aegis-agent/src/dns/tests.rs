@@ -5,7 +5,7 @@ use hickory_proto::rr::{
     rdata::{A, AAAA, CNAME},
 };
 
-use super::*;
+use super::{upstream::matching, *};
 
 fn name(s: &str) -> Name {
     Name::from_str(s).unwrap()
@@ -104,9 +104,9 @@ fn replies_must_match_id_and_question() {
     let mut r = q.clone();
     r.set_message_type(MessageType::Response);
     let bytes = r.to_vec().unwrap();
-    assert!(matching(&bytes, 1, &q).is_some());
+    assert!(matching(bytes.clone(), 1, &q).is_some());
     assert!(
-        matching(&bytes, 2, &q).is_none(),
+        matching(bytes.clone(), 2, &q).is_none(),
         "another ID must not match"
     );
     let mut other = Message::new();
@@ -114,8 +114,8 @@ fn replies_must_match_id_and_question() {
         .set_id(1)
         .add_query(Query::query(name("b.test."), RecordType::A));
     assert!(
-        matching(&bytes, 1, &other).is_none(),
+        matching(bytes, 1, &other).is_none(),
         "another question must not match"
     );
-    assert!(matching(&[0, 1, 2], 1, &q).is_none());
+    assert!(matching(vec![0, 1, 2], 1, &q).is_none());
 }

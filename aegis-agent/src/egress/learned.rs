@@ -67,6 +67,8 @@ fn ports_of(v: &EgressValue) -> Ports {
 pub struct Changes {
     pub set: Vec<(u32, IpAddr, EgressValue)>,
     pub removed: Vec<(u32, IpAddr)>,
+    /// Addresses new to their identity (a subset of `set`), for the audit trail.
+    pub added: Vec<(u32, IpAddr)>,
 }
 
 /// Learned addresses of every identity.
@@ -98,6 +100,7 @@ impl LearnedStore {
         let max = self.max_per_identity;
         let table = self.by_identity.entry(identity).or_default();
         let mut changes = Changes::default();
+        let before = table.get(&addr).map(|l| (l.expires_ns, l.ports.clone()));
         let entry = table.entry(addr).or_insert_with(|| Learned {
             expires_ns: 0,
             ports: ports.clone(),
@@ -111,8 +114,19 @@ impl LearnedStore {
             // Ports of an older policy version mixed with the current one: keep the current.
             entry.ports = ports.clone();
         }
-        entry.names.insert(name.to_owned());
-        changes.set.push((identity, addr, entry.to_value()));
+        if !entry.names.contains(name) {
+            entry.names.insert(name.to_owned());
+        }
+        match before {
+            None => {
+                changes.added.push((identity, addr));
+                changes.set.push((identity, addr, entry.to_value()));
+            }
+            Some((expires, ports)) if expires != entry.expires_ns || ports != entry.ports => {
+                changes.set.push((identity, addr, entry.to_value()));
+            }
+            Some(_) => {}
+        }
         if table.len() > max {
             let victim = table
                 .iter()
@@ -204,8 +218,8 @@ impl LearnedStore {
     pub fn remove_identity(&mut self, identity: u32) -> Changes {
         let removed = self.by_identity.remove(&identity).unwrap_or_default();
         Changes {
-            set: Vec::new(),
             removed: removed.into_keys().map(|a| (identity, a)).collect(),
+            ..Changes::default()
         }
     }
 
@@ -236,8 +250,10 @@ mod tests {
     #[test]
     fn learning_extends_expiry_and_unions_ports() {
         let mut s = LearnedStore::new(10);
-        s.learn(1, ip("198.18.1.1"), "a.test", &only(&[443]), 100);
+        let c = s.learn(1, ip("198.18.1.1"), "a.test", &only(&[443]), 100);
+        assert_eq!(c.added, vec![(1, ip("198.18.1.1"))]);
         let c = s.learn(1, ip("198.18.1.1"), "b.test", &only(&[80]), 50);
+        assert!(c.added.is_empty(), "the address was known");
         let v = c.set[0].2;
         assert_eq!(v.expires_ns, 100);
         assert_eq!(v.port_count, 2);
@@ -247,6 +263,26 @@ mod tests {
             s.count(2),
             0,
             "learning for identity 1 must not touch identity 2"
+        );
+    }
+
+    #[test]
+    fn repeated_answers_write_nothing() {
+        let mut s = LearnedStore::new(10);
+        s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, 100);
+        assert_eq!(
+            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, 100),
+            Changes::default()
+        );
+        assert_eq!(
+            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, 90),
+            Changes::default()
+        );
+        assert_eq!(
+            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, 101)
+                .set
+                .len(),
+            1
         );
     }
 

@@ -310,8 +310,9 @@ impl Enforcer {
     }
 
     /// Allows `identity` to reach `addrs` (address, record TTL in seconds) learned from an
-    /// answer for `name`, on `ports`, for at least the configured minimum TTL. Returns once
-    /// the kernel has them.
+    /// answer for `name`, on `ports`, for at least the configured minimum TTL; expiries are
+    /// rounded up to the next whole second so that repeated answers rarely need a map write.
+    /// Returns once the kernel has them, with the addresses that were new to the identity.
     ///
     /// # Errors
     /// The kernel maps cannot be updated (the caller must then not release the answer).
@@ -321,15 +322,19 @@ impl Enforcer {
         name: &str,
         ports: &Ports,
         addrs: &[(IpAddr, u32)],
-    ) -> Result<(), EnforcerError> {
+    ) -> Result<Vec<IpAddr>, EnforcerError> {
+        const SECOND: u64 = 1_000_000_000;
         let now = ebpf::boot_time_ns();
+        let mut added = Vec::new();
         for (addr, ttl) in addrs {
             let ttl = Duration::from_secs(u64::from(*ttl)).max(self.settings.min_ttl);
             let expires = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
+            let expires = (expires / SECOND).saturating_add(1).saturating_mul(SECOND);
             let changes = self.learned.learn(identity, *addr, name, ports, expires);
+            added.extend(changes.added.iter().map(|(_, a)| *a));
             self.apply_learned(changes)?;
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Deletes learned addresses whose TTL ran out more than [`EXPIRED_RETENTION`] ago (the
