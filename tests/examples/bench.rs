@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: kernel connect() overhead and DNS proxy latency/throughput, each against
 //! a baseline measured in the same run, printed as a Markdown report (ratios included).
 //!
-//! 1. connect(): `aegis-connect-bench` in a pod namespace, as an agent workload (Aegis hooks
+//! 1. connect(): `aegis-connect-bench` (TCP and UDP) in a pod namespace, as an agent workload (Aegis hooks
 //!    attached, destination allowed by a CIDR rule) and as a plain process, alternating rounds;
 //!    medians compared.
 //! 2. DNS: `dnsperf` from a pod namespace against (a) the upstream dnsmasq directly, (b) a
@@ -20,7 +20,7 @@ use std::{
 use aegis_tests::world::{DnsRecord, NODE_UPLINK_V4, UPSTREAM_DNS_V4, World, workspace_root};
 
 const NAMES: usize = 200;
-const CONNECT_ROUNDS: usize = 5;
+const CONNECT_ROUNDS: usize = 7;
 const CONNECTS_PER_ROUND: &str = "20000";
 const FIXED_QPS: &str = "2000";
 
@@ -47,25 +47,33 @@ fn main() {
     println!("agent: {}\n", world.agent_bin().display());
 
     // === connect() ===
-    let mut plain = Vec::new();
-    let mut hooked = Vec::new();
     let bin = connect_bin.to_string_lossy().into_owned();
-    for _ in 0..CONNECT_ROUNDS {
-        plain.push(connect_ns(&world, None, &bin));
-        hooked.push(connect_ns(&world, Some(("bench", None)), &bin));
+    for (mode, what) in [
+        ("tcp", "TCP connect() to a listener (handshake included)"),
+        (
+            "udp",
+            "UDP connect() (no handshake: route lookup + hook only)",
+        ),
+    ] {
+        let mut plain = Vec::new();
+        let mut hooked = Vec::new();
+        for _ in 0..CONNECT_ROUNDS {
+            plain.push(connect_ns(&world, None, &bin, mode));
+            hooked.push(connect_ns(&world, Some(("bench", None)), &bin, mode));
+        }
+        let (p, h) = (median(&mut plain), median(&mut hooked));
+        println!(
+            "## {what}, from a pod namespace: {CONNECT_ROUNDS} alternating rounds of {CONNECTS_PER_ROUND}\n"
+        );
+        println!("| | ns per connect (median) |\n|---|---|");
+        println!("| plain process (no Aegis hooks) | {p:.0} |");
+        println!("| agent workload (Aegis connect4 + allowlist lookup) | {h:.0} |");
+        println!(
+            "\n**ratio agent/plain: {:.3}** (overhead {:+.1}%)\n",
+            h / p,
+            (h / p - 1.0) * 100.0
+        );
     }
-    let (p, h) = (median(&mut plain), median(&mut hooked));
-    println!(
-        "## connect() from a pod namespace, {CONNECT_ROUNDS} alternating rounds of {CONNECTS_PER_ROUND}\n"
-    );
-    println!("| | ns per connect (median) |\n|---|---|");
-    println!("| plain process (no Aegis hooks) | {p:.0} |");
-    println!("| agent workload (Aegis connect4 + allowlist lookup) | {h:.0} |");
-    println!(
-        "\n**ratio agent/plain: {:.3}** (overhead {:+.1}%)\n",
-        h / p,
-        (h / p - 1.0) * 100.0
-    );
 
     // === DNS ===
     let queries = world.dir().join("queries.txt");
@@ -112,6 +120,14 @@ fn main() {
     );
     println!("| path | p50 µs | p99 µs | lost |\n|---|---|---|---|");
     let mut p99s = Vec::new();
+    for (_, server, agent) in targets {
+        // Warm-up (discarded): first packets pay for ARP/ND, page faults and cold caches.
+        dnsperf(
+            &world,
+            agent,
+            &["-s", server, "-d", &queries, "-l", "2", "-Q", FIXED_QPS],
+        );
+    }
     for (label, server, agent) in targets {
         let out = dnsperf(
             &world,
@@ -162,8 +178,8 @@ fn main() {
     let _ = forwarder.wait();
 }
 
-fn connect_ns(world: &World, agent: Option<(&str, Option<&str>)>, bin: &str) -> f64 {
-    let out = world.pod_exec(1, agent, &[bin, CONNECTS_PER_ROUND]);
+fn connect_ns(world: &World, agent: Option<(&str, Option<&str>)>, bin: &str, mode: &str) -> f64 {
+    let out = world.pod_exec(1, agent, &[bin, mode, CONNECTS_PER_ROUND]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -1,13 +1,18 @@
-//! Measures `connect()` cost: opens a TCP listener on `ADDR` (default 127.0.0.1:0), then times
-//! `COUNT` rounds of socket + connect + close (RST via `SO_LINGER` 0, so no TIME_WAIT piles
-//! up) from the calling process, and prints one JSON line: `{"count":N,"ns_per_connect":X}`.
+//! Measures `connect()` cost from the calling process and prints one JSON line:
+//! `{"mode":"tcp","count":N,"ns_per_connect":X}`.
+//!
+//! - `tcp`: a TCP listener on 127.0.0.1 (backlog raised to the kernel's `somaxconn`, so a busy
+//!   acceptor never drops SYNs into the 1 s retransmission timer), then `COUNT` rounds of
+//!   socket + blocking connect + close with RST (`SO_LINGER` 0, so no TIME_WAIT piles up).
+//! - `udp`: `COUNT` rounds of socket + connect + close of a UDP socket to a bound UDP socket:
+//!   no handshake, so it isolates the route lookup and the cgroup connect4 hook.
 //!
 //! Run it once as an agent workload and once as a plain process to get the overhead of the
-//! Aegis connect hooks (`cargo xtask bench`).
+//! Aegis connect hook (`cargo xtask bench`).
 //!
-//! Usage: `aegis-connect-bench [COUNT] [ADDR]`.
+//! Usage: `aegis-connect-bench tcp|udp [COUNT]`.
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     thread,
     time::Instant,
@@ -15,37 +20,54 @@ use std::{
 
 fn main() {
     let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_else(|| "tcp".into());
     let count: u32 = args
         .next()
         .map_or(20_000, |s| s.parse().expect("COUNT is a number"));
-    let addr: SocketAddr = args.next().map_or("127.0.0.1:0".parse().unwrap(), |s| {
-        s.parse().expect("ADDR is ip:port")
-    });
-    let listener = TcpListener::bind(addr).expect("bind listener");
-    let target = listener.local_addr().expect("listener address");
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            drop(conn);
+    let connect: Box<dyn Fn()> = match mode.as_str() {
+        "tcp" => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind listener");
+            // SAFETY: valid listening fd; listen(2) on a listening socket only resizes the
+            // backlog (capped by net.core.somaxconn).
+            assert_eq!(
+                unsafe { libc::listen(listener.as_raw_fd(), 65_535) },
+                0,
+                "listen"
+            );
+            let target = listener.local_addr().expect("listener address");
+            thread::spawn(move || {
+                for conn in listener.incoming() {
+                    drop(conn);
+                }
+            });
+            Box::new(move || tcp_once(target))
         }
-    });
+        "udp" => {
+            let peer = UdpSocket::bind("127.0.0.1:0").expect("bind UDP peer");
+            let target = peer.local_addr().expect("peer address");
+            // Keep the peer bound for the whole run.
+            std::mem::forget(peer);
+            Box::new(move || udp_once(target))
+        }
+        other => panic!("unknown mode {other:?}: use tcp or udp"),
+    };
     // Warm-up: page in code paths, fill caches.
     for _ in 0..1000 {
-        connect_once(target);
+        connect();
     }
     let start = Instant::now();
     for _ in 0..count {
-        connect_once(target);
+        connect();
     }
     let elapsed = start.elapsed();
     println!(
-        "{{\"count\":{count},\"ns_per_connect\":{:.1}}}",
+        "{{\"mode\":\"{mode}\",\"count\":{count},\"ns_per_connect\":{:.1}}}",
         elapsed.as_nanos() as f64 / f64::from(count)
     );
 }
 
-fn connect_once(target: SocketAddr) {
-    // A blocking connect, as most clients do (a non-blocking connect plus poll measures the
-    // scheduler more than the connect path).
+fn tcp_once(target: SocketAddr) {
+    // A blocking connect, as most clients do.
     let stream = TcpStream::connect(target).expect("connect");
     let linger = libc::linger {
         l_onoff: 1,
@@ -62,4 +84,9 @@ fn connect_once(target: SocketAddr) {
         )
     };
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+fn udp_once(target: SocketAddr) {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.connect(target).expect("connect");
 }
