@@ -10,7 +10,7 @@
 //!    a fixed rate (latency percentiles from `dnsperf -v`), once at saturation (queries/s).
 //!
 //! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_CONNECT_BENCH_BIN` (connect bench
-//! binary), `AEGIS_BENCH_SECONDS` (length of each DNS run, default 10).
+//! binary), `AEGIS_BENCH_SECONDS` (length of each DNS run, default 5).
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
@@ -23,9 +23,10 @@ const NAMES: usize = 200;
 const CONNECT_ROUNDS: usize = 7;
 const CONNECTS_PER_ROUND: &str = "20000";
 const FIXED_QPS: &str = "2000";
+const DNS_ROUNDS: usize = 3;
 
 fn main() {
-    let seconds: String = std::env::var("AEGIS_BENCH_SECONDS").unwrap_or_else(|_| "10".into());
+    let seconds: String = std::env::var("AEGIS_BENCH_SECONDS").unwrap_or_else(|_| "5".into());
     let connect_bin = std::env::var_os("AEGIS_CONNECT_BENCH_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/release/aegis-connect-bench"));
@@ -105,46 +106,58 @@ fn main() {
 
     let upstream = UPSTREAM_DNS_V4.to_string();
     let node = NODE_UPLINK_V4.to_string();
-    let targets: [(&str, &str, Option<(&str, Option<&str>)>); 3] = [
-        ("direct to upstream dnsmasq", &upstream, None),
-        ("no-cache dnsmasq forwarder on the node", &node, None),
-        (
-            "Aegis DNS proxy (agent workload, steered in-kernel)",
-            &upstream,
-            Some(("bench", None)),
-        ),
+    let targets = [
+        Target {
+            label: "direct to upstream dnsmasq",
+            server: &upstream,
+            agent: None,
+        },
+        Target {
+            label: "no-cache dnsmasq forwarder on the node",
+            server: &node,
+            agent: None,
+        },
+        Target {
+            label: "Aegis DNS proxy (agent workload, steered in-kernel)",
+            server: &upstream,
+            agent: Some(("bench", None)),
+        },
     ];
+    for t in &targets {
+        // Warm-up (discarded): first packets pay for neighbour discovery, page faults, caches.
+        t.dnsperf(&world, &["-d", &queries, "-l", "2", "-Q", FIXED_QPS]);
+    }
 
+    // Rounds interleave the targets so that noise of the (virtual) machine hits all alike;
+    // each row is the median over rounds.
     println!(
-        "## DNS at a fixed rate: {FIXED_QPS} queries/s for {seconds} s, {NAMES} names (dnsperf -Q {FIXED_QPS})\n"
+        "## DNS at a fixed rate: {FIXED_QPS} queries/s, {DNS_ROUNDS} interleaved rounds of {seconds} s, {NAMES} names (dnsperf -Q {FIXED_QPS})\n"
     );
+    let mut rows: Vec<(Vec<f64>, Vec<f64>, u64)> = vec![(Vec::new(), Vec::new(), 0); targets.len()];
+    for _ in 0..DNS_ROUNDS {
+        for (t, row) in targets.iter().zip(rows.iter_mut()) {
+            let out = t.dnsperf(
+                &world,
+                &["-d", &queries, "-l", &seconds, "-Q", FIXED_QPS, "-v"],
+            );
+            let mut lat: Vec<f64> = out
+                .lines()
+                .filter_map(|l| l.strip_prefix("> NOERROR "))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .map(|s| s * 1e6)
+                .collect();
+            row.0.push(percentile(&mut lat, 0.50));
+            row.1.push(percentile(&mut lat, 0.99));
+            row.2 += field(&out, "Queries lost:")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+        }
+    }
     println!("| path | p50 µs | p99 µs | lost |\n|---|---|---|---|");
     let mut p99s = Vec::new();
-    for (_, server, agent) in targets {
-        // Warm-up (discarded): first packets pay for ARP/ND, page faults and cold caches.
-        dnsperf(
-            &world,
-            agent,
-            &["-s", server, "-d", &queries, "-l", "2", "-Q", FIXED_QPS],
-        );
-    }
-    for (label, server, agent) in targets {
-        let out = dnsperf(
-            &world,
-            agent,
-            &[
-                "-s", server, "-d", &queries, "-l", &seconds, "-Q", FIXED_QPS, "-v",
-            ],
-        );
-        let mut lat: Vec<f64> = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("> NOERROR "))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|s| s * 1e6)
-            .collect();
-        let lost = field(&out, "Queries lost:").unwrap_or_default();
-        let (p50, p99) = (percentile(&mut lat, 0.50), percentile(&mut lat, 0.99));
-        println!("| {label} | {p50:.0} | {p99:.0} | {lost} |");
+    for (t, (mut p50, mut p99, lost)) in targets.iter().zip(rows) {
+        let (p50, p99) = (median(&mut p50), median(&mut p99));
+        println!("| {} | {p50:.0} | {p99:.0} | {lost} |", t.label);
         p99s.push(p99);
     }
     println!(
@@ -154,25 +167,26 @@ fn main() {
     );
 
     println!(
-        "## DNS at saturation: {seconds} s, 4 clients, 100 outstanding queries each (dnsperf -c 4 -q 100)\n"
+        "## DNS at saturation: {DNS_ROUNDS} interleaved rounds of {seconds} s, 4 clients, 100 outstanding queries each (dnsperf -c 4 -q 100)\n"
     );
-    println!("| path | queries/s | ratio to direct |\n|---|---|---|");
-    let mut direct_qps = 0.0;
-    for (i, (label, server, agent)) in targets.iter().enumerate() {
-        let out = dnsperf(
-            &world,
-            *agent,
-            &[
-                "-s", server, "-d", &queries, "-l", &seconds, "-c", "4", "-q", "100",
-            ],
-        );
-        let qps: f64 = field(&out, "Queries per second:")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.0);
-        if i == 0 {
-            direct_qps = qps;
+    let mut qps: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for _ in 0..DNS_ROUNDS {
+        for (t, q) in targets.iter().zip(qps.iter_mut()) {
+            let out = t.dnsperf(
+                &world,
+                &["-d", &queries, "-l", &seconds, "-c", "4", "-q", "100"],
+            );
+            q.push(
+                field(&out, "Queries per second:")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0.0),
+            );
         }
-        println!("| {label} | {qps:.0} | {:.2} |", qps / direct_qps.max(1.0));
+    }
+    println!("| path | queries/s | ratio to direct |\n|---|---|---|");
+    let medians: Vec<f64> = qps.iter_mut().map(|q| median(q)).collect();
+    for (t, m) in targets.iter().zip(&medians) {
+        println!("| {} | {m:.0} | {:.2} |", t.label, m / medians[0].max(1.0));
     }
     let _ = forwarder.kill();
     let _ = forwarder.wait();
@@ -190,17 +204,26 @@ fn connect_ns(world: &World, agent: Option<(&str, Option<&str>)>, bin: &str, mod
     v["ns_per_connect"].as_f64().expect("ns_per_connect")
 }
 
-fn dnsperf(world: &World, agent: Option<(&str, Option<&str>)>, args: &[&str]) -> String {
-    let mut argv = vec!["dnsperf"];
-    argv.extend_from_slice(args);
-    let out = world.pod_exec(1, agent, &argv);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "dnsperf failed: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+/// A DNS path to measure: `dnsperf -s server` from pod 1, as `agent` or as a plain process.
+struct Target<'a> {
+    label: &'a str,
+    server: &'a str,
+    agent: Option<(&'a str, Option<&'a str>)>,
+}
+
+impl Target<'_> {
+    fn dnsperf(&self, world: &World, args: &[&str]) -> String {
+        let mut argv = vec!["dnsperf", "-s", self.server];
+        argv.extend_from_slice(args);
+        let out = world.pod_exec(1, self.agent, &argv);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "dnsperf failed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
 }
 
 fn field(out: &str, key: &str) -> Option<String> {

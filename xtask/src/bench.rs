@@ -15,7 +15,7 @@ pub struct Args {
     #[arg(long)]
     no_setup: bool,
     /// Seconds per DNS run.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     seconds: u32,
 }
 

@@ -32,7 +32,7 @@ use crate::{
     cli::RunArgs,
     control::{self, Handler, Reply},
     dns::{self, DnsProxy},
-    ebpf::{self, AsyncEventReader, Datapath},
+    ebpf::{self, AsyncEventReader, Datapath, Links},
     egress::{self, Enforcer},
     identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile},
     policy::PolicySet,
@@ -66,7 +66,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     if policies.is_empty() {
         tracing::warn!(target: "aegis::policy", dir = %args.policies.display(), "no policies: every agent workload is denied all egress");
     }
-    let (datapath, events, logger) = Datapath::load(&args.bpffs)?;
+    let (datapath, links, events, logger) = Datapath::load(&args.bpffs)?;
     let settings = egress::Settings {
         dns4: args.dns_address,
         dns6: args.dns_address6,
@@ -92,6 +92,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         dns: DnsProxy::new(dns_settings, enforcer.clone(), policies.clone())
             .context("opening the DNS upstream sockets")?,
         enforcer,
+        links: Mutex::new(links),
         policies,
         policy_dir: args.policies.clone(),
         exec: ExecCgroups::new(cgroup2.join(&args.cgroup_root).join("exec")),
@@ -173,7 +174,10 @@ fn watch_policies(dir: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::Re
 
 /// Shared state of the running agent.
 struct Node {
+    /// Map state; the DNS path takes this lock on every answer, so nothing slow runs under it.
     enforcer: Arc<Mutex<Enforcer>>,
+    /// Program links; attaching and detaching can take milliseconds.
+    links: Mutex<Links>,
     policies: Arc<ArcSwap<PolicySet>>,
     policy_dir: PathBuf,
     dns: DnsProxy,
@@ -192,11 +196,32 @@ impl Node {
     /// Binds the identity's DNS listeners, then registers the cgroup (so the kernel never
     /// steers DNS to a port nobody listens on).
     fn ensure_registered(&self, cg: &IdentityCgroup) -> anyhow::Result<u64> {
+        let cgroup_id = cgroup::cgroup_id(&cg.path)?;
+        if self.enforcer().is_registered(cgroup_id, &cg.identity) {
+            return Ok(cgroup_id);
+        }
         let port = self.enforcer().port_for(&cg.identity)?;
         self.dns
             .serve_identity(&cg.identity, port)
             .with_context(|| format!("binding the DNS proxy port {port} of {}", cg.identity))?;
-        Ok(self.enforcer().register(cg, &self.policies.load())?)
+        let adopted = self.links().attach(&cg.path, cgroup_id)?;
+        self.enforcer().register(cg, &self.policies.load())?;
+        if adopted {
+            tracing::info!(target: "aegis::identity", cgroup_id, "adopted the pinned links of an earlier agent");
+        }
+        Ok(cgroup_id)
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, Links> {
+        self.links.lock().expect("links lock poisoned")
+    }
+
+    /// Takes a cgroup out of enforcement: identity first (under the map lock), then the
+    /// program links (under their own lock, as detaching can be slow).
+    fn unregister(&self, cgroup_id: u64) -> anyhow::Result<()> {
+        self.enforcer().unregister(cgroup_id)?;
+        self.links().detach(cgroup_id)?;
+        Ok(())
     }
 
     /// Registers every cgroup the sources report and unregisters those they no longer do. A
@@ -239,7 +264,7 @@ impl Node {
             .copied()
             .collect();
         for id in gone {
-            if let Err(e) = self.enforcer().unregister(id) {
+            if let Err(e) = self.unregister(id) {
                 tracing::warn!(target: "aegis::identity", cgroup_id = id, error = %e, "cannot unregister cgroup");
             }
         }
@@ -248,9 +273,16 @@ impl Node {
     /// Drops kernel identity entries and links of cgroups no source reports (left by an
     /// earlier agent for cgroups that are gone).
     fn drop_stale(&self) {
-        let mut enforcer = self.enforcer();
-        for id in enforcer.stale_kernel_cgroups() {
-            match enforcer.drop_stale(id) {
+        let mut stale: HashSet<u64> = self.enforcer().stale_kernel_cgroups().into_iter().collect();
+        let attached = self.links().attached_cgroups();
+        stale.extend(
+            attached
+                .into_iter()
+                .filter(|id| !self.enforcer().cgroups().contains_key(id)),
+        );
+        for id in stale {
+            let dropped = self.enforcer().drop_stale(id).map_err(anyhow::Error::from);
+            match dropped.and_then(|()| Ok(self.links().detach(id)?)) {
                 Ok(()) => {
                     tracing::info!(target: "aegis::identity", cgroup_id = id, "dropped stale identity cgroup")
                 }
@@ -288,16 +320,18 @@ impl Node {
 
     /// Removes exec cgroups whose processes have all exited.
     fn collect_exec_cgroups(&self) {
-        let done: Vec<(u64, PathBuf)> = self
+        let candidates: Vec<(u64, PathBuf)> = self
             .enforcer()
             .cgroups()
             .iter()
             .filter(|(_, r)| r.path.starts_with(self.exec.dir()) && r.since.elapsed() > EXEC_GRACE)
-            .filter(|(_, r)| !cgroup::is_populated(&r.path).unwrap_or(false))
             .map(|(id, r)| (*id, r.path.clone()))
             .collect();
+        let done = candidates
+            .into_iter()
+            .filter(|(_, path)| !cgroup::is_populated(path).unwrap_or(false));
         for (id, path) in done {
-            if let Err(e) = self.enforcer().unregister(id) {
+            if let Err(e) = self.unregister(id) {
                 tracing::warn!(target: "aegis::identity", cgroup_id = id, error = %e, "cannot unregister finished exec cgroup");
                 continue;
             }
@@ -322,7 +356,7 @@ impl Handler for Node {
             .and_then(|_| Ok(cgroup::move_process(&path, pid)?));
         if let Err(e) = placed {
             if let Ok(id) = cgroup::cgroup_id(&path) {
-                let _ = self.enforcer().unregister(id);
+                let _ = self.unregister(id);
             }
             let _ = cgroup::remove(&path, Duration::from_secs(1));
             return Err(format!("{e:#}"));

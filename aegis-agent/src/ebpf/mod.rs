@@ -83,16 +83,23 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
-/// Loaded programs and the maps the agent writes.
+/// The maps the agent writes. Map operations are single system calls; the DNS path takes
+/// this (behind the enforcer's lock) on every answer, so nothing slow lives here.
 pub struct Datapath {
-    bpf: Ebpf,
-    pin_dir: PathBuf,
     identity: HashMap<MapData, u64, IdentityValue>,
     config: Array<MapData, NodeConfig>,
     fqdn4: HashMap<MapData, Egress4Key, EgressValue>,
     fqdn6: HashMap<MapData, Egress6Key, EgressValue>,
     cidr4: LpmTrie<MapData, Cidr4Data, EgressValue>,
     cidr6: LpmTrie<MapData, Cidr6Data, EgressValue>,
+}
+
+/// The loaded programs and their pinned cgroup links. Attaching and detaching can take
+/// milliseconds (the kernel recomputes the cgroup subtree's program arrays), so this is kept
+/// apart from [`Datapath`].
+pub struct Links {
+    bpf: Ebpf,
+    pin_dir: PathBuf,
 }
 
 /// Reader of the deny event ring buffer; poll its fd, then drain with [`EventReader::drain`].
@@ -113,7 +120,7 @@ impl Datapath {
     /// bpffs cannot be mounted, the verifier rejects a program, or a map is missing.
     pub fn load(
         pin_dir: &Path,
-    ) -> Result<(Datapath, EventReader, Option<KernelLogger>), DatapathError> {
+    ) -> Result<(Datapath, Links, EventReader, Option<KernelLogger>), DatapathError> {
         ensure_bpffs(pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf")))?;
         let links = pin_dir.join("links");
         fs::create_dir_all(&links).map_err(io_err(&links))?;
@@ -152,12 +159,18 @@ impl Datapath {
             fqdn6: HashMap::try_from(take(&mut bpf, MAP_FQDN6)?).map_err(map_err(MAP_FQDN6))?,
             cidr4: LpmTrie::try_from(take(&mut bpf, MAP_CIDR4)?).map_err(map_err(MAP_CIDR4))?,
             cidr6: LpmTrie::try_from(take(&mut bpf, MAP_CIDR6)?).map_err(map_err(MAP_CIDR6))?,
+        };
+        let links = Links {
             bpf,
             pin_dir: pin_dir.to_owned(),
         };
-        Ok((datapath, EventReader { ring: events }, logger))
+        Ok((datapath, links, EventReader { ring: events }, logger))
     }
+}
 
+// === impl Links ===
+
+impl Links {
     fn link_dir(&self, cgroup_id: u64) -> PathBuf {
         self.pin_dir.join("links").join(cgroup_id.to_string())
     }
@@ -232,7 +245,11 @@ impl Datapath {
             })
             .unwrap_or_default()
     }
+}
 
+// === impl Datapath (maps) ===
+
+impl Datapath {
     /// Maps `cgroup_id` to an identity.
     pub fn set_identity(
         &mut self,

@@ -166,8 +166,9 @@ impl Enforcer {
         Ok(port)
     }
 
-    /// Puts a cgroup under its identity: attaches (or adopts) the programs and writes the
-    /// identity, with the policy in force, to the kernel. Idempotent.
+    /// Puts a cgroup under its identity: writes the identity, with the policy in force, to
+    /// the kernel. The caller attaches the programs first ([`crate::ebpf::Links::attach`]),
+    /// outside this lock. Idempotent.
     ///
     /// # Errors
     /// The cgroup is gone, the kernel refuses the attachment, or [`Enforcer::port_for`] fails.
@@ -186,7 +187,6 @@ impl Enforcer {
         }
         let port = self.port_for(&cg.identity)?;
         let first_of_identity = !self.cgroups.values().any(|r| r.identity == cg.identity);
-        let adopted = self.datapath.attach(&cg.path, cgroup_id)?;
         let policy = policies.for_identity(cg.identity.agent.as_str(), cg.identity.tenant.as_str());
         self.datapath.set_identity(
             cgroup_id,
@@ -208,14 +208,15 @@ impl Enforcer {
         }
         tracing::info!(
             target: "aegis::identity",
-            cgroup = %cg.path.display(), cgroup_id, identity = %cg.identity, dns_port = port, adopted,
+            cgroup = %cg.path.display(), cgroup_id, identity = %cg.identity, dns_port = port,
             policy_version = policy.map(|p| p.version), "identity cgroup registered"
         );
         Ok(cgroup_id)
     }
 
-    /// Takes a cgroup out of enforcement: detaches the programs and, when it was the last
-    /// cgroup of its identity, forgets the identity's learned addresses and CIDRs.
+    /// Takes a cgroup out of enforcement: removes its identity and, when it was the last
+    /// cgroup of its identity, forgets the identity's learned addresses and CIDRs. The caller
+    /// detaches the programs afterwards ([`crate::ebpf::Links::detach`]), outside this lock.
     ///
     /// # Errors
     /// The kernel maps or pins cannot be updated.
@@ -224,7 +225,6 @@ impl Enforcer {
             return Ok(());
         };
         self.datapath.remove_identity(cgroup_id)?;
-        self.datapath.detach(cgroup_id)?;
         if !self.cgroups.values().any(|r| r.identity == reg.identity) {
             let id = reg.identity.id();
             let changes = self.learned.remove_identity(id);
@@ -358,22 +358,24 @@ impl Enforcer {
     /// Identity cgroups in the kernel map that this agent has not registered (left by an
     /// earlier agent for cgroups that no longer exist or no source reports).
     pub fn stale_kernel_cgroups(&self) -> Vec<u64> {
-        let mut ids: HashSet<u64> = self
-            .datapath
+        self.datapath
             .identities()
             .into_iter()
             .map(|(c, _)| c)
-            .collect();
-        ids.extend(self.datapath.attached_cgroups());
-        ids.into_iter()
             .filter(|c| !self.cgroups.contains_key(c))
             .collect()
     }
 
-    /// Removes a kernel identity entry and its links for a cgroup not registered here.
+    /// Removes the kernel identity entry of a cgroup not registered here.
     pub fn drop_stale(&mut self, cgroup_id: u64) -> Result<(), EnforcerError> {
-        self.datapath.remove_identity(cgroup_id)?;
-        Ok(self.datapath.detach(cgroup_id)?)
+        Ok(self.datapath.remove_identity(cgroup_id)?)
+    }
+
+    /// Whether `cgroup_id` is registered under `identity`.
+    pub fn is_registered(&self, cgroup_id: u64, identity: &Identity) -> bool {
+        self.cgroups
+            .get(&cgroup_id)
+            .is_some_and(|r| &r.identity == identity)
     }
 
     /// Registered cgroups.
