@@ -46,8 +46,12 @@ const RESYNC_TICKS: u32 = 10;
 /// An exec cgroup younger than this is never collected (its process may not be in it yet).
 const EXEC_GRACE: Duration = Duration::from_secs(5);
 
+/// The agent's async work (DNS proxy, control socket, events) runs on one thread: a DNS answer
+/// then never waits for a wake-up on another core, which measured as the difference between
+/// matching a no-cache dnsmasq forwarder's latency and exceeding it (docs/benchmarks.md). Slow,
+/// blocking work (attaching programs, reloads, cgroup clean-up) runs on the blocking pool.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(run_async(args))
@@ -131,14 +135,17 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = hangup.recv() => {
                 tracing::info!(target: "aegis::agent", "SIGHUP: reloading policies and identities");
-                node.reload_policies();
-                node.sync_identities();
+                blocking(&node, |node| {
+                    node.reload_policies();
+                    node.sync_identities();
+                })
+                .await;
             }
             Some(()) = reload_rx.recv() => {
                 // Editors write in several steps: let the directory settle.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while reload_rx.try_recv().is_ok() {}
-                node.reload_policies();
+                blocking(&node, Node::reload_policies).await;
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -405,19 +412,31 @@ async fn report_events(mut reader: AsyncEventReader, node: Arc<Node>) {
     }
 }
 
+/// Runs `work` on the blocking pool and waits for it, keeping the async thread free.
+async fn blocking(node: &Arc<Node>, work: impl FnOnce(&Node) + Send + 'static) {
+    let node = node.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || work(&node)).await {
+        tracing::error!(target: "aegis::agent", error = %e, "background task failed");
+    }
+}
+
 async fn housekeeping(node: Arc<Node>) {
     let mut tick = tokio::time::interval(HOUSEKEEPING);
     let mut n = 0u32;
     loop {
         tick.tick().await;
-        if let Err(e) = node.enforcer().expire() {
-            tracing::warn!(target: "aegis::agent", error = %e, "cannot remove expired addresses");
-        }
-        node.collect_exec_cgroups();
         n = n.wrapping_add(1);
-        if n.is_multiple_of(RESYNC_TICKS) {
-            node.sync_identities();
-        }
+        let resync = n.is_multiple_of(RESYNC_TICKS);
+        blocking(&node, move |node| {
+            if let Err(e) = node.enforcer().expire() {
+                tracing::warn!(target: "aegis::agent", error = %e, "cannot remove expired addresses");
+            }
+            node.collect_exec_cgroups();
+            if resync {
+                node.sync_identities();
+            }
+        })
+        .await;
     }
 }
 
