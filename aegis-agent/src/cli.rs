@@ -1,4 +1,5 @@
-//! Command-line interface: `aegis-agent run | exec | status | policy check | uninstall`.
+//! Command-line interface: `aegis-agent run | exec | status | policy check|compile|test |
+//! uninstall`.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -73,6 +74,31 @@ pub struct RunArgs {
     /// Answer for denied names.
     #[arg(long, value_enum, default_value_t = DenyRcode::Nxdomain)]
     pub dns_deny_rcode: DenyRcode,
+    /// IPv4 address TLS calls to inspected domains are redirected to; the L7 enforcer listens
+    /// there (default: the DNS proxy address).
+    #[arg(long)]
+    pub l7_address: Option<Ipv4Addr>,
+    /// IPv6 address of the L7 enforcer; without it, IPv6 calls to inspected domains are denied.
+    #[arg(long)]
+    pub l7_address6: Option<Ipv6Addr>,
+    /// First per-identity L7 enforcer port.
+    #[arg(long, default_value_t = 15400)]
+    pub l7_port_base: u16,
+    /// Node CA certificate (PEM); generated with its key on first start if neither exists.
+    #[arg(long, default_value = "/var/lib/aegis/ca.crt")]
+    pub ca_cert: PathBuf,
+    /// Node CA private key (PEM, mode 0600).
+    #[arg(long, default_value = "/var/lib/aegis/ca.key")]
+    pub ca_key: PathBuf,
+    /// PEM bundle of roots for verifying upstream servers (default: the system's roots).
+    #[arg(long)]
+    pub upstream_ca: Option<PathBuf>,
+    /// Audit log: one JSON line per decision, append-only.
+    #[arg(long, default_value = "/var/log/aegis/audit.jsonl")]
+    pub audit_log: PathBuf,
+    /// Largest request body the L7 enforcer accepts, in bytes (413 beyond).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body: usize,
     /// Floor, in seconds, on how long a learned address stays allowed.
     #[arg(long, default_value_t = 5)]
     pub min_ttl: u64,
@@ -116,6 +142,21 @@ pub struct ExecArgs {
 pub enum PolicyCommand {
     /// Validate a policy directory; errors name file, line and field.
     Check {
+        /// Directory of policy files.
+        dir: PathBuf,
+    },
+    /// Compile a policy directory's L7 policies to a Rego bundle (readable; one module per
+    /// policy, a shared library, and the directory's raw `*.rego` modules under `ext/`).
+    Compile {
+        /// Directory of policy files.
+        dir: PathBuf,
+        /// Output directory (default: DIR/compiled); its `*.rego` files are replaced.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+    /// Run the data-driven test cases of DIR/tests/*.yaml against DIR's policies; exit 2 on a
+    /// failure.
+    Test {
         /// Directory of policy files.
         dir: PathBuf,
     },

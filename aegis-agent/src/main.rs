@@ -1,14 +1,21 @@
 //! `aegis-agent`: the Aegis node daemon and CLI.
 #![deny(unsafe_code)]
 
+mod audit;
 mod cgroup;
 mod cli;
 mod cmd;
 mod control;
+#[cfg_attr(
+    not(test),
+    expect(dead_code, unused_imports, reason = "wired into the L7 enforcer next")
+)]
+mod dlp;
 mod dns;
 mod ebpf;
 mod egress;
 mod identity;
+mod l7;
 mod policy;
 mod telemetry;
 

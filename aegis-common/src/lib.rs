@@ -15,8 +15,9 @@ use core::mem::size_of;
 
 /// `HashMap<u64 cgroup id, IdentityValue>`: cgroups that carry an agent identity.
 pub const MAP_IDENTITY: &str = "AEGIS_IDENT_V1";
-/// `Array<NodeConfig>` with one entry: node-wide settings (DNS proxy address, cgroup levels).
-pub const MAP_CONFIG: &str = "AEGIS_CONFIG_V1";
+/// `Array<NodeConfig>` with one entry: node-wide settings (DNS proxy and L7 enforcer
+/// addresses, cgroup levels).
+pub const MAP_CONFIG: &str = "AEGIS_CONFIG_V2";
 /// `HashMap<Egress4Key, EgressValue>`: IPv4 addresses learned from DNS, per identity.
 pub const MAP_FQDN4: &str = "AEGIS_FQDN4_V1";
 /// `HashMap<Egress6Key, EgressValue>`: IPv6 addresses learned from DNS, per identity.
@@ -29,9 +30,15 @@ pub const MAP_CIDR6: &str = "AEGIS_CIDR6_V1";
 pub const MAP_DNS_ORIG: &str = "AEGIS_DNSORG_V1";
 /// `RingBuf` of [`DenyEvent`]s.
 pub const MAP_EVENTS: &str = "AEGIS_EVENTS_V1";
+/// `LruHashMap<u64 socket cookie, L7Orig>`: where a connection redirected to the L7 enforcer
+/// was going, from connect until the sockops program re-keys it by the client's address.
+pub const MAP_L7_COOKIE: &str = "AEGIS_L7CK_V1";
+/// `LruHashMap<PeerKey, L7Orig>`: the same record keyed by the client's local address and
+/// port, which the enforcer sees as its peer.
+pub const MAP_L7_PEER: &str = "AEGIS_L7PEER_V1";
 
 /// Every map the agent opens; a test checks each exists in the embedded object.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_IDENTITY,
     MAP_CONFIG,
     MAP_FQDN4,
@@ -40,6 +47,8 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_CIDR6,
     MAP_DNS_ORIG,
     MAP_EVENTS,
+    MAP_L7_COOKIE,
+    MAP_L7_PEER,
 ];
 
 pub const PROG_CONNECT4: &str = "aegis_connect4";
@@ -49,9 +58,10 @@ pub const PROG_SENDMSG6: &str = "aegis_sendmsg6";
 pub const PROG_RECVMSG4: &str = "aegis_recvmsg4";
 pub const PROG_RECVMSG6: &str = "aegis_recvmsg6";
 pub const PROG_SOCK_CREATE: &str = "aegis_sock_new";
+pub const PROG_SOCK_OPS: &str = "aegis_sockops";
 
 /// Every program the agent attaches to an identity's cgroup.
-pub const ALL_PROGRAMS: [&str; 7] = [
+pub const ALL_PROGRAMS: [&str; 8] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -59,6 +69,7 @@ pub const ALL_PROGRAMS: [&str; 7] = [
     PROG_RECVMSG4,
     PROG_RECVMSG6,
     PROG_SOCK_CREATE,
+    PROG_SOCK_OPS,
 ];
 
 // === Sizes ===
@@ -71,6 +82,9 @@ pub const MAX_LEARNED_ADDRS: u32 = 262_144;
 pub const MAX_CIDRS: u32 = 65_536;
 /// Capacity of [`MAP_DNS_ORIG`]: in-flight redirected DNS sockets; LRU evicts the oldest.
 pub const MAX_DNS_SOCKETS: u32 = 65_536;
+/// Capacity of [`MAP_L7_COOKIE`] and [`MAP_L7_PEER`]: connections being redirected to the L7
+/// enforcer and not yet accepted by it; LRU evicts the oldest.
+pub const MAX_L7_PENDING: u32 = 65_536;
 /// Size of [`MAP_EVENTS`] in bytes (a power of two and a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// Deepest cgroup level (root = 0) at which an identity cgroup may sit; the kernel walks
@@ -98,7 +112,9 @@ pub struct IdentityValue {
     pub flags: u32,
     /// Port of this identity's DNS proxy listener, host byte order.
     pub dns_port: u16,
-    pub _pad: u16,
+    /// Port of this identity's L7 enforcer listener, host byte order; 0 = none (connections
+    /// to inspected destinations are then denied).
+    pub l7_port: u16,
 }
 const _: () = assert!(size_of::<IdentityValue>() == 16);
 
@@ -106,6 +122,8 @@ const _: () = assert!(size_of::<IdentityValue>() == 16);
 
 /// `NodeConfig::flags`: `dns6` holds an IPv6 DNS proxy address.
 pub const CONFIG_F_DNS6: u32 = 1 << 0;
+/// `NodeConfig::flags`: `l7_addr6` holds an IPv6 L7 enforcer address.
+pub const CONFIG_F_L7_6: u32 = 1 << 1;
 
 /// The one value of [`MAP_CONFIG`].
 #[repr(C)]
@@ -118,11 +136,14 @@ pub struct NodeConfig {
     pub level_mask: u32,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// IPv4 address of the L7 enforcer, network byte order; 0 = none.
+    pub l7_addr4: u32,
     /// IPv6 address of the DNS proxy, network byte order.
     pub dns6: [u8; 16],
+    /// IPv6 address of the L7 enforcer, network byte order (valid with `CONFIG_F_L7_6`).
+    pub l7_addr6: [u8; 16],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 32);
+const _: () = assert!(size_of::<NodeConfig>() == 48);
 
 // === Allowlist ===
 
@@ -165,6 +186,10 @@ pub struct Cidr6Data {
 }
 const _: () = assert!(size_of::<Cidr6Data>() == 20);
 
+/// `EgressValue::flags`: TCP connections go to the L7 enforcer (TLS inspection); UDP to the
+/// destination is refused (QUIC would bypass the inspection).
+pub const EGRESS_F_INSPECT: u32 = 1 << 0;
+
 /// Value of the allowlist maps: until when and to which ports the destination is allowed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -174,7 +199,7 @@ pub struct EgressValue {
     pub expires_ns: u64,
     /// Number of used entries in `ports`; 0 = every port.
     pub port_count: u32,
-    /// Reserved for per-destination actions; 0 today.
+    /// `EGRESS_F_*` bits.
     pub flags: u32,
     /// Allowed destination ports, host byte order.
     pub ports: [u16; MAX_PORTS],
@@ -201,6 +226,32 @@ impl EgressValue {
         REASON_PORT_NOT_ALLOWED
     }
 }
+
+/// Key of [`MAP_L7_PEER`]: the client's local address as the enforcer sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// IPv6 address, network byte order; IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+    /// Port, host byte order.
+    pub port: u32,
+}
+const _: () = assert!(size_of::<PeerKey>() == 20);
+
+/// Value of [`MAP_L7_COOKIE`] and [`MAP_L7_PEER`]: where a redirected connection was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L7Orig {
+    /// Original destination, network byte order; IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+    /// Original destination port, host byte order.
+    pub port: u32,
+    /// Identity of the connecting workload.
+    pub identity: u32,
+    /// cgroup the identity was found on.
+    pub cgroup_id: u64,
+}
+const _: () = assert!(size_of::<L7Orig>() == 32);
 
 /// Value of [`MAP_DNS_ORIG`]: the resolver a redirected DNS socket was sending to.
 #[repr(C)]
@@ -236,6 +287,10 @@ pub const REASON_RAW_SOCKET: u32 = 4;
 pub const REASON_PACKET_SOCKET: u32 = 5;
 /// A DNS query over a family for which the node has no DNS proxy address.
 pub const REASON_NO_DNS_PROXY: u32 = 6;
+/// A TCP connection to an inspected destination, and no L7 enforcer to send it to.
+pub const REASON_NO_L7_ENFORCER: u32 = 7;
+/// UDP to an inspected destination (QUIC would bypass the inspection).
+pub const REASON_UDP_TO_INSPECTED: u32 = 8;
 
 pub const HOOK_CONNECT4: u32 = 1;
 pub const HOOK_CONNECT6: u32 = 2;
@@ -317,6 +372,8 @@ mod pod {
     unsafe impl aya::Pod for Cidr6Data {}
     unsafe impl aya::Pod for EgressValue {}
     unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for L7Orig {}
     unsafe impl aya::Pod for DenyEvent {}
 }
 

@@ -3,12 +3,16 @@
 //! - `connect4`/`connect6`: a TCP connect or UDP connect from an agent identity succeeds only if
 //!   the destination address and port are in that identity's allowlist (addresses learned by the
 //!   DNS proxy, or CIDRs written in policy); otherwise it fails with EPERM and a [`DenyEvent`] is
-//!   pushed. Port 53 is rewritten to the identity's DNS proxy listener.
+//!   pushed. Port 53 is rewritten to the identity's DNS proxy listener. An allowed TCP connection
+//!   to an *inspected* destination is rewritten to the identity's L7 enforcer port, its original
+//!   destination recorded under the socket cookie.
 //! - `sendmsg4`/`sendmsg6`: the same for unconnected UDP sends (QUIC to an unlisted host would be
 //!   a bypass otherwise); DNS is steered to the proxy.
 //! - `recvmsg4`/`recvmsg6`: a DNS answer from the proxy appears to come from the resolver the
 //!   workload asked, so stub resolvers that check the source accept it.
 //! - `sock_create`: raw (and, where the kernel runs the hook, packet) sockets are refused.
+//! - `sockops`: re-keys the original destination of a redirected connection by the client's
+//!   local address and port, which the enforcer sees as its peer.
 //!
 //! Invariants: a process under no identity is never touched (every program returns "allow"
 //! before doing anything else); IPv4-mapped IPv6 destinations get the IPv4 rules; entry points
@@ -18,12 +22,14 @@
 #![no_main]
 
 use aegis_common::{
-    AF_INET, AF_INET6, AF_PACKET, CONFIG_F_DNS6, Cidr4Data, Cidr6Data, DNS_PORT, DenyEvent,
-    EVENTS_RING_BYTES, Egress4Key, Egress6Key, EgressValue, HOOK_CONNECT4, HOOK_CONNECT6,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_F_DENY_RAW, IDENTITY_F_SHADOW,
-    IdentityValue, MAX_CGROUP_LEVEL, MAX_CIDRS, MAX_DNS_SOCKETS, MAX_IDENTITY_CGROUPS,
-    MAX_LEARNED_ADDRS, NodeConfig, OrigDst, REASON_NO_DNS_PROXY, REASON_NONE, REASON_NOT_ALLOWED,
-    REASON_PACKET_SOCKET, REASON_RAW_SOCKET, SOCK_RAW, VERDICT_DENIED, VERDICT_WOULD_DENY,
+    AF_INET, AF_INET6, AF_PACKET, CONFIG_F_DNS6, CONFIG_F_L7_6, Cidr4Data, Cidr6Data, DNS_PORT,
+    DenyEvent, EGRESS_F_INSPECT, EVENTS_RING_BYTES, Egress4Key, Egress6Key, EgressValue,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE,
+    IDENTITY_F_DENY_RAW, IDENTITY_F_SHADOW, IdentityValue, L7Orig, MAX_CGROUP_LEVEL, MAX_CIDRS,
+    MAX_DNS_SOCKETS, MAX_IDENTITY_CGROUPS, MAX_L7_PENDING, MAX_LEARNED_ADDRS, NodeConfig, OrigDst,
+    PeerKey, REASON_NO_DNS_PROXY, REASON_NO_L7_ENFORCER, REASON_NONE, REASON_NOT_ALLOWED,
+    REASON_PACKET_SOCKET, REASON_RAW_SOCKET, REASON_UDP_TO_INSPECTED, SOCK_RAW, SOCK_STREAM,
+    VERDICT_DENIED, VERDICT_WOULD_DENY,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -35,12 +41,12 @@ use aya_ebpf::{
             bpf_ktime_get_boot_ns,
         },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{
         Array, HashMap, LruHashMap, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{SockAddrContext, SockContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 
@@ -52,7 +58,7 @@ const DENY: i32 = 0;
 #[map(name = "AEGIS_IDENT_V1")]
 static IDENTITY: HashMap<u64, IdentityValue> = HashMap::pinned(MAX_IDENTITY_CGROUPS, 0);
 
-#[map(name = "AEGIS_CONFIG_V1")]
+#[map(name = "AEGIS_CONFIG_V2")]
 static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 
 #[map(name = "AEGIS_FQDN4_V1")]
@@ -72,6 +78,12 @@ static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_DNS_SOCKETS, 
 
 #[map(name = "AEGIS_EVENTS_V1")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+#[map(name = "AEGIS_L7CK_V1")]
+static L7_COOKIE: LruHashMap<u64, L7Orig> = LruHashMap::pinned(MAX_L7_PENDING, 0);
+
+#[map(name = "AEGIS_L7PEER_V1")]
+static L7_PEER: LruHashMap<PeerKey, L7Orig> = LruHashMap::pinned(MAX_L7_PENDING, 0);
 
 /// The identity of the calling process and the cgroup it was found on.
 struct Caller {
@@ -121,39 +133,41 @@ fn caller() -> Option<Caller> {
     found
 }
 
-/// Pushes a deny (or would-deny) event. A full ring drops the event, never the verdict, and
-/// says so through aya-log.
-#[inline(always)]
-fn report<C: EbpfContext>(
-    ctx: &C,
-    c: &Caller,
-    verdict: u32,
+/// What was denied, for the event record.
+struct Denial {
     reason: u32,
     hook: u32,
     family: u32,
-    addr: [u8; 16],
     port: u16,
     protocol: u16,
     sock_type: u32,
-) {
+    addr: [u8; 16],
+}
+
+/// Pushes a deny (or would-deny) event. A full ring drops the event, never the verdict, and
+/// says so through aya-log. Not inlined: one copy of the event-building code and its stack
+/// frame, instead of one per call site (the BPF stack is 512 bytes).
+#[inline(never)]
+fn report<C: EbpfContext>(ctx: &C, c: &Caller, verdict: u32, d: &Denial) {
     if let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) {
-        let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        entry.write(DenyEvent {
-            // SAFETY: helper without pointer arguments.
-            ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-            cgroup_id: c.cgroup_id,
-            identity: c.ident.identity,
-            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            comm,
-            verdict,
-            reason,
-            hook,
-            family,
-            addr,
-            port,
-            protocol,
-            sock_type,
-        });
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` points to a reserved, writable `DenyEvent` in the ring; every field is
+        // written before submit.
+        unsafe {
+            (*ev).ts_ns = bpf_ktime_get_boot_ns();
+            (*ev).cgroup_id = c.cgroup_id;
+            (*ev).identity = c.ident.identity;
+            (*ev).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+            (*ev).verdict = verdict;
+            (*ev).reason = d.reason;
+            (*ev).hook = d.hook;
+            (*ev).family = d.family;
+            (*ev).addr = d.addr;
+            (*ev).port = d.port;
+            (*ev).protocol = d.protocol;
+            (*ev).sock_type = d.sock_type;
+        }
         entry.submit(0);
     } else {
         warn!(
@@ -179,23 +193,31 @@ fn decide(
     if reason == REASON_NONE {
         return ALLOW;
     }
-    let shadow = c.ident.flags & IDENTITY_F_SHADOW != 0;
-    let verdict = if shadow {
-        VERDICT_WOULD_DENY
-    } else {
-        VERDICT_DENIED
-    };
-    report(
-        ctx,
-        c,
-        verdict,
+    let d = Denial {
         reason,
         hook,
         family,
-        addr,
         port,
-        sa.protocol as u16,
-        sa.type_,
+        protocol: sa.protocol as u16,
+        sock_type: sa.type_,
+        addr,
+    };
+    deny(ctx, c, &d)
+}
+
+/// Reports a denial and returns the verdict (shadow mode: allow).
+#[inline(never)]
+fn deny(ctx: &SockAddrContext, c: &Caller, d: &Denial) -> i32 {
+    let shadow = c.ident.flags & IDENTITY_F_SHADOW != 0;
+    report(
+        ctx,
+        c,
+        if shadow {
+            VERDICT_WOULD_DENY
+        } else {
+            VERDICT_DENIED
+        },
+        d,
     );
     if shadow { ALLOW } else { DENY }
 }
@@ -208,7 +230,7 @@ fn now() -> u64 {
 
 /// Allowlist check of an IPv4 destination (`addr` network byte order, `port` host order).
 #[inline(always)]
-fn check4(identity: u32, addr: [u8; 4], port: u16) -> u32 {
+fn check4(identity: u32, addr: [u8; 4], port: u16) -> (u32, u32) {
     let t = now();
     // SAFETY: plain-data value.
     let learned = unsafe { FQDN4.get(&Egress4Key { identity, addr }) };
@@ -216,7 +238,7 @@ fn check4(identity: u32, addr: [u8; 4], port: u16) -> u32 {
     if let Some(v) = learned {
         reason = v.check(port, t);
         if reason == REASON_NONE {
-            return reason;
+            return (reason, v.flags);
         }
     }
     let key = Key::new(
@@ -228,16 +250,19 @@ fn check4(identity: u32, addr: [u8; 4], port: u16) -> u32 {
     );
     if let Some(v) = CIDR4.get(&key) {
         let r = v.check(port, t);
-        if r == REASON_NONE || reason == REASON_NOT_ALLOWED {
+        if r == REASON_NONE {
+            return (r, v.flags);
+        }
+        if reason == REASON_NOT_ALLOWED {
             reason = r;
         }
     }
-    reason
+    (reason, 0)
 }
 
 /// Allowlist check of an IPv6 destination; IPv4-mapped addresses get the IPv4 rules.
 #[inline(always)]
-fn check6(identity: u32, addr: [u8; 16], port: u16) -> u32 {
+fn check6(identity: u32, addr: [u8; 16], port: u16) -> (u32, u32) {
     if let Some(v4) = mapped_v4(&addr) {
         return check4(identity, v4, port);
     }
@@ -248,7 +273,7 @@ fn check6(identity: u32, addr: [u8; 16], port: u16) -> u32 {
     if let Some(v) = learned {
         reason = v.check(port, t);
         if reason == REASON_NONE {
-            return reason;
+            return (reason, v.flags);
         }
     }
     let key = Key::new(
@@ -260,11 +285,14 @@ fn check6(identity: u32, addr: [u8; 16], port: u16) -> u32 {
     );
     if let Some(v) = CIDR6.get(&key) {
         let r = v.check(port, t);
-        if r == REASON_NONE || reason == REASON_NOT_ALLOWED {
+        if r == REASON_NONE {
+            return (r, v.flags);
+        }
+        if reason == REASON_NOT_ALLOWED {
             reason = r;
         }
     }
-    reason
+    (reason, 0)
 }
 
 /// `::ffff:a.b.c.d` (RFC 4291 section 2.5.5.2) → `a.b.c.d`.
@@ -366,8 +394,101 @@ fn egress4(ctx: &SockAddrContext, hook: u32) -> i32 {
         sa.user_port = u32::from(c.ident.dns_port.to_be());
         return ALLOW;
     }
-    let reason = check4(c.ident.identity, addr, port);
-    decide(ctx, &c, reason, hook, AF_INET, addr16, port, sa)
+    let (reason, flags) = check4(c.ident.identity, addr, port);
+    if reason != REASON_NONE || flags & EGRESS_F_INSPECT == 0 {
+        return decide(ctx, &c, reason, hook, AF_INET, addr16, port, sa);
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return DENY;
+    };
+    let target = cfg.l7_addr4;
+    match inspect(ctx, &c, sa, hook, mapped(&addr), port, target != 0) {
+        Ok(()) => {
+            sa.user_ip4 = target;
+            sa.user_port = u32::from(c.ident.l7_port.to_be());
+            ALLOW
+        }
+        Err(verdict) => verdict,
+    }
+}
+
+/// `a.b.c.d` → `::ffff:a.b.c.d` (RFC 4291 section 2.5.5.2).
+#[inline(always)]
+fn mapped(v4: &[u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12] = v4[0];
+    a[13] = v4[1];
+    a[14] = v4[2];
+    a[15] = v4[3];
+    a
+}
+
+/// An allowed connection to an inspected destination: TCP is to be redirected to the
+/// identity's L7 enforcer port (the caller rewrites the address once this returns `Ok`), with
+/// the original destination recorded under the socket cookie; UDP is refused (QUIC would
+/// bypass the inspection); without an enforcer the connection is refused.
+#[inline(always)]
+fn inspect(
+    ctx: &SockAddrContext,
+    c: &Caller,
+    sa: &bpf_sock_addr,
+    hook: u32,
+    orig: [u8; 16],
+    port: u16,
+    have_target: bool,
+) -> Result<(), i32> {
+    let family = if mapped_v4(&orig).is_some() {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    let report_addr = match mapped_v4(&orig) {
+        Some(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4);
+            a
+        }
+        None => orig,
+    };
+    if sa.type_ != SOCK_STREAM {
+        return Err(decide(
+            ctx,
+            c,
+            REASON_UDP_TO_INSPECTED,
+            hook,
+            family,
+            report_addr,
+            port,
+            sa,
+        ));
+    }
+    if !have_target || c.ident.l7_port == 0 {
+        return Err(decide(
+            ctx,
+            c,
+            REASON_NO_L7_ENFORCER,
+            hook,
+            family,
+            report_addr,
+            port,
+            sa,
+        ));
+    }
+    // SAFETY: `ctx` is the program's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let record = L7Orig {
+        addr: orig,
+        port: u32::from(port),
+        identity: c.ident.identity,
+        cgroup_id: c.cgroup_id,
+    };
+    if L7_COOKIE.insert(&cookie, &record, 0).is_err() {
+        // Without the record the enforcer could not tell where the call was going.
+        return Err(DENY);
+    }
+    Ok(())
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -431,7 +552,27 @@ fn egress6(ctx: &SockAddrContext, hook: u32) -> i32 {
         sa.user_port = u32::from(c.ident.dns_port.to_be());
         return ALLOW;
     }
-    let reason = check6(c.ident.identity, addr, port);
+    let (reason, flags) = check6(c.ident.identity, addr, port);
+    if reason == REASON_NONE && flags & EGRESS_F_INSPECT != 0 {
+        let Some(cfg) = CONFIG.get(0) else {
+            return DENY;
+        };
+        let target = match mapped_v4(&addr) {
+            Some(_) if cfg.l7_addr4 != 0 => Some(mapped(&cfg.l7_addr4.to_ne_bytes())),
+            None if cfg.flags & CONFIG_F_L7_6 != 0 => Some(cfg.l7_addr6),
+            _ => None,
+        };
+        return match inspect(ctx, &c, sa, hook, addr, port, target.is_some()) {
+            Ok(()) => {
+                if let Some(t) = target {
+                    set_ip6(sa, &t);
+                }
+                sa.user_port = u32::from(c.ident.l7_port.to_be());
+                ALLOW
+            }
+            Err(verdict) => verdict,
+        };
+    }
     decide(ctx, &c, reason, hook, AF_INET6, addr, port, sa)
 }
 
@@ -499,19 +640,73 @@ pub fn aegis_sock_new(ctx: SockContext) -> i32 {
     } else {
         VERDICT_DENIED
     };
-    report(
-        &ctx,
-        &c,
-        verdict,
+    let d = Denial {
         reason,
-        HOOK_SOCK_CREATE,
-        sk.family,
-        [0; 16],
-        0,
-        sk.protocol as u16,
-        sk.type_,
-    );
+        hook: HOOK_SOCK_CREATE,
+        family: sk.family,
+        port: 0,
+        protocol: sk.protocol as u16,
+        sock_type: sk.type_,
+        addr: [0; 16],
+    };
+    report(&ctx, &c, verdict, &d);
     if shadow { ALLOW } else { DENY }
+}
+
+// === Redirect bookkeeping ===
+
+/// `BPF_SOCK_OPS_TCP_CONNECT_CB` (include/uapi/linux/bpf.h): called before the SYN is sent,
+/// when the local port is known.
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+
+/// Re-keys the original destination of a connection redirected to the L7 enforcer from the
+/// socket cookie (known at connect) to the client's local address and port (known once the
+/// SYN is about to leave), which is what the enforcer sees as its peer.
+#[sock_ops]
+pub fn aegis_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    // SAFETY: `ctx` is the program's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain-data value.
+    let Some(orig) = (unsafe { L7_COOKIE.get(&cookie) }).copied() else {
+        return 1;
+    };
+    let addr = if ctx.family() == AF_INET {
+        mapped(&ctx.local_ip4().to_ne_bytes())
+    } else {
+        // One constant-offset load per word: the verifier refuses loads through a ctx pointer
+        // that LLVM advanced (which copying the array produces).
+        let ops = ctx.ops;
+        // SAFETY: `ops` is the program's context; each read is a plain field load.
+        let w = unsafe {
+            [
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+            ]
+        };
+        let mut a = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = w[i].to_ne_bytes();
+            a[i * 4] = b[0];
+            a[i * 4 + 1] = b[1];
+            a[i * 4 + 2] = b[2];
+            a[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        a
+    };
+    let key = PeerKey {
+        addr,
+        port: ctx.local_port(),
+    };
+    let _ = L7_PEER.insert(&key, &orig, 0);
+    let _ = L7_COOKIE.remove(&cookie);
+    1
 }
 
 #[cfg(not(test))]

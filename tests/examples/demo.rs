@@ -65,18 +65,9 @@ fn main() -> ExitCode {
     );
 
     let mut ok = true;
-    let stripe_ca = world
-        .server_cert("api.stripe.com")
-        .to_string_lossy()
-        .into_owned();
-    let slack_ca = world
-        .server_cert("hooks.slack.com")
-        .to_string_lossy()
-        .into_owned();
-    let evil_ca = world
-        .server_cert("evil.example")
-        .to_string_lossy()
-        .into_owned();
+    let stripe_ca = world.test_ca().to_string_lossy().into_owned();
+    let slack_ca = world.test_ca().to_string_lossy().into_owned();
+    let evil_ca = world.test_ca().to_string_lossy().into_owned();
     let evil_pin = format!("evil.example:443:{EVIL}");
 
     step("1. finance-agent: curl https://api.stripe.com/ (allowlisted)");

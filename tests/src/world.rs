@@ -170,7 +170,7 @@ pub struct HttpServer {
     pub v6: Option<Ipv6Addr>,
     /// TCP ports to listen on.
     pub ports: Vec<u16>,
-    /// Serve HTTPS with a self-signed certificate for `name` (see [`World::server_cert`]).
+    /// Serve HTTPS with a certificate for `name` signed by the world's test CA ([`World::test_ca`]).
     pub tls: bool,
 }
 
@@ -186,8 +186,8 @@ impl HttpServer {
         }
     }
 
-    /// Serves HTTPS instead of HTTP, with a self-signed P-256 certificate whose subject
-    /// alternative name is the server's `name` (made with the `openssl` CLI).
+    /// Serves HTTPS instead of HTTP, with a P-256 certificate for the server's `name` signed by
+    /// the world's test CA ([`World::test_ca`]; made with the `openssl` CLI).
     pub fn with_tls(mut self) -> Self {
         self.tls = true;
         self
@@ -545,6 +545,7 @@ impl World {
             .arg(self.policy_dir())
             .args(["--dns-address", &DNS_PROXY_V4.to_string()])
             .args(["--dns-address6", &DNS_PROXY_V6.to_string()])
+            .args(["--l7-address6", &DNS_PROXY_V6.to_string()])
             .args(["--dns-upstream", &format!("{UPSTREAM_DNS_V4}:53")])
             .arg("--bpffs")
             .arg(self.bpffs_dir())
@@ -553,7 +554,17 @@ impl World {
             .arg(self.control_socket())
             .args(["--min-ttl", &self.min_ttl.to_string()])
             .args(["--log-format", "json"])
-            .args(&self.agent_args)
+            .arg("--audit-log")
+            .arg(self.dir.join("audit.jsonl"))
+            .arg("--ca-cert")
+            .arg(self.node_ca())
+            .arg("--ca-key")
+            .arg(self.dir.join("node-ca.key"));
+        let bundle = self.dir.join("tls").join("bundle.pem");
+        if bundle.exists() {
+            cmd.arg("--upstream-ca").arg(bundle);
+        }
+        cmd.args(&self.agent_args)
             .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -688,6 +699,15 @@ impl World {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent's audit records (`--audit-log`), parsed, in file order.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// dnsmasq's query log (`--log-queries`), for debugging.
@@ -1125,30 +1145,78 @@ impl World {
         })
     }
 
-    /// Certificate (PEM) of the TLS server named `name`, for clients' `--cacert`.
-    pub fn server_cert(&self, name: &str) -> PathBuf {
-        self.dir.join("tls").join(format!("{name}.crt"))
+    /// The node CA certificate the agent terminates TLS with (generated on the agent's first
+    /// start), for clients' `--cacert` / `SSL_CERT_FILE`.
+    pub fn node_ca(&self) -> PathBuf {
+        self.dir.join("node-ca.crt")
     }
 
+    /// The world's test CA (PEM), which signs every TLS server's certificate: what clients
+    /// that reach the servers directly pass as `--cacert`, and what the agent verifies
+    /// upstream servers against (`--upstream-ca`).
+    pub fn test_ca(&self) -> PathBuf {
+        self.dir.join("tls").join("test-ca.crt")
+    }
+
+    /// Makes the test CA (once) and a certificate for `name` signed by it, with `name` as
+    /// subject alternative name; returns (certificate, key).
     fn make_cert(&self, name: &str) -> Result<(PathBuf, PathBuf), WorldError> {
-        let cert = self.server_cert(name);
-        let key = cert.with_extension("key");
-        fs::create_dir_all(self.dir.join("tls")).map_err(|e| err(format!("tls dir: {e}")))?;
+        let tls = self.dir.join("tls");
+        fs::create_dir_all(&tls).map_err(|e| err(format!("tls dir: {e}")))?;
+        let (ca, ca_key) = (self.test_ca(), tls.join("test-ca.key"));
+        let p256 = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        if !ca.exists() {
+            run(Command::new("openssl")
+                .args(["req", "-x509"])
+                .args(p256)
+                .args(["-days", "2", "-subj", "/CN=Aegis test CA"])
+                .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+                .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+                .arg("-keyout")
+                .arg(&ca_key)
+                .arg("-out")
+                .arg(&ca))?;
+        }
+        let (cert, key, csr, ext) = (
+            tls.join(format!("{name}.crt")),
+            tls.join(format!("{name}.key")),
+            tls.join(format!("{name}.csr")),
+            tls.join(format!("{name}.ext")),
+        );
         run(Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
-            .args(["-addext", &format!("subjectAltName=DNS:{name}")])
+            .args(["req", "-new"])
+            .args(p256)
+            .args(["-subj", &format!("/CN={name}")])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
+            .arg(&csr))?;
+        fs::write(
+            &ext,
+            format!("subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+        )
+        .map_err(|e| err(format!("{}: {e}", ext.display())))?;
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-set_serial"])
+            .arg(format!("0x{:x}", rand_serial(name)))
+            .arg("-in")
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
             .arg(&cert))?;
+        // The agent verifies upstream servers against the test CA.
+        fs::copy(&ca, tls.join("bundle.pem")).map_err(|e| err(format!("bundle.pem: {e}")))?;
         Ok((cert, key))
     }
 
@@ -1749,6 +1817,14 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A certificate serial that differs per name (x509 requires unique serials per issuer).
+fn rand_serial(name: &str) -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(name.as_bytes());
+    h.finish() >> 1
+}
+
 /// The servers process: HTTP (any GET → 200 "hello from <name>") and UDP echo, on the
 /// addresses in the JSON config given as argv[1]; touches the config's `ready` path once every
 /// socket is bound.
@@ -1767,6 +1843,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    def do_POST(self):
+        # Echo what arrived, so tests can see what the upstream received (e.g. redactions).
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace")
+        out = json.dumps({"server": self.server.aegis_name, "method": "POST", "path": self.path,
+                          "content_type": self.headers.get("Content-Type"), "body": body}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
     def log_message(self, fmt, *args):
         sys.stderr.write("%s %s -> %s\n" % (self.client_address[0], self.server.aegis_name, fmt % args))
         sys.stderr.flush()

@@ -17,6 +17,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec(args) => exec::exec(args),
         Command::Status(args) => status::status(&args),
         Command::Policy(PolicyCommand::Check { dir }) => policy::check(&dir),
+        Command::Policy(PolicyCommand::Compile { dir, out }) => policy::compile(&dir, out),
+        Command::Policy(PolicyCommand::Test { dir }) => policy::test(&dir),
         Command::Uninstall(args) => uninstall::uninstall(&args),
     }
 }

@@ -28,6 +28,7 @@ use tokio::{
 };
 
 use crate::{
+    audit::AuditLog,
     cgroup,
     cli::RunArgs,
     control::{self, Handler, Reply},
@@ -35,7 +36,8 @@ use crate::{
     ebpf::{self, AsyncEventReader, Datapath, Links},
     egress::{self, Enforcer},
     identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile},
-    policy::PolicySet,
+    l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
+    policy::{L7Engine, PolicySet},
     telemetry,
 };
 
@@ -70,11 +72,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     if policies.is_empty() {
         tracing::warn!(target: "aegis::policy", dir = %args.policies.display(), "no policies: every agent workload is denied all egress");
     }
+    let l7_engine =
+        L7Engine::build(&policies).map_err(|e| anyhow!("policies rejected, not starting:\n{e}"))?;
+    let ca = NodeCa::load_or_create(&args.ca_cert, &args.ca_key)?;
+    let audit = AuditLog::open(&args.audit_log)?;
+    let upstream_roots = upstream_roots(args.upstream_ca.as_deref())?;
+    let l7_addr4 = args.l7_address.unwrap_or(args.dns_address);
     let (datapath, links, events, logger) = Datapath::load(&args.bpffs)?;
     let settings = egress::Settings {
         dns4: args.dns_address,
         dns6: args.dns_address6,
         dns_port_base: args.dns_port_base,
+        l7_addr4: Some(l7_addr4),
+        l7_addr6: args.l7_address6,
+        l7_port_base: args.l7_port_base,
         min_ttl: Duration::from_secs(args.min_ttl),
         cgroup2: cgroup2.clone(),
     };
@@ -92,7 +103,25 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         upstream_timeout: Duration::from_millis(args.dns_timeout_ms),
         deny_rcode: args.dns_deny_rcode,
     };
+    let decider = Arc::new(PolicyDecider::new(l7_engine, policies.clone()));
+    let mut l7_listen = vec![IpAddr::V4(l7_addr4)];
+    l7_listen.extend(args.l7_address6.map(IpAddr::V6));
+    let l7 = L7Proxy::new(
+        l7::proxy::Settings {
+            listen: l7_listen,
+            max_body: args.max_body,
+        },
+        ca,
+        upstream_roots,
+        enforcer.clone(),
+        policies.clone(),
+        decider.clone(),
+        audit.clone(),
+    );
     let node = Arc::new(Node {
+        l7,
+        decider,
+        audit,
         dns: DnsProxy::new(dns_settings, enforcer.clone(), policies.clone())
             .context("opening the DNS upstream sockets")?,
         enforcer,
@@ -155,6 +184,24 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Roots for verifying upstream servers: a PEM bundle, or the system's.
+fn upstream_roots(bundle: Option<&Path>) -> anyhow::Result<rustls::RootCertStore> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = match bundle {
+        Some(path) => CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parsing {}", path.display()))?,
+        None => rustls_native_certs::load_native_certs().certs,
+    };
+    let (added, ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        anyhow::bail!("no usable upstream root certificate ({ignored} unparsable)");
+    }
+    Ok(roots)
+}
+
 /// The first `nameserver` of a resolv.conf(5), on port 53.
 fn resolv_conf_upstream(path: &Path) -> Option<SocketAddr> {
     let text = fs::read_to_string(path).ok()?;
@@ -188,6 +235,9 @@ struct Node {
     policies: Arc<ArcSwap<PolicySet>>,
     policy_dir: PathBuf,
     dns: DnsProxy,
+    l7: L7Proxy,
+    decider: Arc<PolicyDecider>,
+    audit: AuditLog,
     exec: ExecCgroups,
     static_file: Option<StaticFile>,
     ready: AtomicBool,
@@ -211,6 +261,14 @@ impl Node {
         self.dns
             .serve_identity(&cg.identity, port)
             .with_context(|| format!("binding the DNS proxy port {port} of {}", cg.identity))?;
+        let l7_port = self.enforcer().l7_port(port);
+        if let Some(l7_port) = l7_port {
+            self.l7
+                .serve_identity(&cg.identity, l7_port)
+                .with_context(|| {
+                    format!("binding the L7 enforcer port {l7_port} of {}", cg.identity)
+                })?;
+        }
         let adopted = self.links().attach(&cg.path, cgroup_id)?;
         self.enforcer().register(cg, &self.policies.load())?;
         if adopted {
@@ -303,8 +361,10 @@ impl Node {
     /// Loads the policy directory; a clean load is applied to the kernel and swapped in, a
     /// broken one is reported and the policies in force stay.
     fn reload_policies(&self) {
-        let new = match PolicySet::load_dir(&self.policy_dir) {
-            Ok(set) => set,
+        let loaded = PolicySet::load_dir(&self.policy_dir)
+            .and_then(|set| L7Engine::build(&set).map(|engine| (set, engine)));
+        let (new, engine) = match loaded {
+            Ok(built) => built,
             Err(errors) => {
                 for e in &errors.0 {
                     tracing::error!(target: "aegis::policy", file = %e.file.display(), line = e.line, column = e.column, error = %e.message, "{e}");
@@ -322,6 +382,7 @@ impl Node {
             .map(|p| format!("{}={}", p.agent, p.version))
             .collect();
         self.policies.store(Arc::new(new));
+        self.decider.replace(engine);
         tracing::info!(target: "aegis::policy", versions = ?versions, "policies reloaded");
     }
 
@@ -407,7 +468,8 @@ async fn report_events(mut reader: AsyncEventReader, node: Arc<Node>) {
                 .as_ref()
                 .and_then(|i| policies.for_identity(i.agent.as_str(), i.tenant.as_str()))
                 .map_or(0, |p| p.version);
-            telemetry::kernel_event(&ev, who.as_ref(), version);
+            let record = telemetry::kernel_event(&ev, who.as_ref(), version);
+            node.audit.append(&record);
         }
     }
 }

@@ -320,10 +320,12 @@ async fn answer(
             let learned = if addrs.is_empty() {
                 Ok(Vec::new())
             } else {
+                let inspect = policy.is_some_and(|p| p.inspects(&qname));
                 shared.enforcer.lock().expect("lock poisoned").learn(
                     identity.id(),
                     &qname,
                     &ports,
+                    inspect,
                     &addrs,
                 )
             };

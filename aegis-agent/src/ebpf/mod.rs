@@ -22,14 +22,14 @@ use std::{
 
 use aegis_common::{
     ALL_MAPS, ALL_PROGRAMS, Cidr4Data, Cidr6Data, DenyEvent, Egress4Key, Egress6Key, EgressValue,
-    IdentityValue, MAP_CIDR4, MAP_CIDR6, MAP_CONFIG, MAP_EVENTS, MAP_FQDN4, MAP_FQDN6,
-    MAP_IDENTITY, NodeConfig,
+    IdentityValue, L7Orig, MAP_CIDR4, MAP_CIDR6, MAP_CONFIG, MAP_EVENTS, MAP_FQDN4, MAP_FQDN6,
+    MAP_IDENTITY, MAP_L7_PEER, NodeConfig, PeerKey,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSock, Program, ProgramError,
+        CgroupAttachMode, CgroupSock, Program, ProgramError, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -92,6 +92,7 @@ pub struct Datapath {
     fqdn6: HashMap<MapData, Egress6Key, EgressValue>,
     cidr4: LpmTrie<MapData, Cidr4Data, EgressValue>,
     cidr6: LpmTrie<MapData, Cidr6Data, EgressValue>,
+    l7_peer: HashMap<MapData, PeerKey, L7Orig>,
 }
 
 /// The loaded programs and their pinned cgroup links. Attaching and detaching can take
@@ -138,6 +139,7 @@ impl Datapath {
             let loaded = match program {
                 Program::CgroupSockAddr(p) => p.load(),
                 Program::CgroupSock(p) => p.load(),
+                Program::SockOps(p) => p.load(),
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
             loaded.map_err(|source| DatapathError::Program { name, source })?;
@@ -159,6 +161,8 @@ impl Datapath {
             fqdn6: HashMap::try_from(take(&mut bpf, MAP_FQDN6)?).map_err(map_err(MAP_FQDN6))?,
             cidr4: LpmTrie::try_from(take(&mut bpf, MAP_CIDR4)?).map_err(map_err(MAP_CIDR4))?,
             cidr6: LpmTrie::try_from(take(&mut bpf, MAP_CIDR6)?).map_err(map_err(MAP_CIDR6))?,
+            l7_peer: HashMap::try_from(take(&mut bpf, MAP_L7_PEER)?)
+                .map_err(map_err(MAP_L7_PEER))?,
         };
         let links = Links {
             bpf,
@@ -211,6 +215,7 @@ impl Links {
                     })?
                 }
                 Program::CgroupSock(p) => attach_sock(p, &cgroup).map_err(prog_err)?,
+                Program::SockOps(p) => attach_sockops(p, &cgroup).map_err(prog_err)?,
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
             let pin = dir.join(name);
@@ -250,6 +255,23 @@ impl Links {
 // === impl Datapath (maps) ===
 
 impl Datapath {
+    /// Takes the original destination of a connection redirected to the L7 enforcer, by the
+    /// connection's peer address as the enforcer sees it (the record is removed: each
+    /// connection is looked up once).
+    pub fn take_l7_origin(&mut self, peer: std::net::SocketAddr) -> Option<L7Orig> {
+        let addr = match peer.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let key = PeerKey {
+            addr,
+            port: u32::from(peer.port()),
+        };
+        let orig = self.l7_peer.get(&key, 0).ok()?;
+        let _ = self.l7_peer.remove(&key);
+        Some(orig)
+    }
+
     /// Maps `cgroup_id` to an identity.
     pub fn set_identity(
         &mut self,
@@ -423,6 +445,12 @@ impl Datapath {
 }
 
 fn attach_sock(p: &mut CgroupSock, cgroup: &fs::File) -> Result<FdLink, ProgramError> {
+    let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single)?;
+    let link = p.take_link(id)?;
+    FdLink::try_from(link).map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))
+}
+
+fn attach_sockops(p: &mut SockOps, cgroup: &fs::File) -> Result<FdLink, ProgramError> {
     let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single)?;
     let link = p.take_link(id)?;
     FdLink::try_from(link).map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))

@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
 };
 
-use aegis_common::{EgressValue, MAX_PORTS};
+use aegis_common::{EGRESS_F_INSPECT, EgressValue, MAX_PORTS};
 
 use crate::policy::Ports;
 
@@ -24,12 +24,20 @@ pub struct Learned {
     /// Names (lowercase, no trailing dot) whose answers held the address; empty when adopted
     /// from the kernel after a restart (names are not stored there).
     pub names: BTreeSet<String>,
+    /// TCP to the address goes through the L7 enforcer (`EGRESS_F_INSPECT`): set when any name
+    /// it was learned for is inspected (a shared address must not let an inspected name
+    /// through uninspected).
+    pub inspect: bool,
 }
 
 impl Learned {
     /// The kernel map value for this entry.
     pub fn to_value(&self) -> EgressValue {
-        egress_value(self.expires_ns, &self.ports)
+        let mut v = egress_value(self.expires_ns, &self.ports);
+        if self.inspect {
+            v.flags |= EGRESS_F_INSPECT;
+        }
+        v
     }
 }
 
@@ -95,17 +103,22 @@ impl LearnedStore {
         addr: IpAddr,
         name: &str,
         ports: &Ports,
+        inspect: bool,
         expires_ns: u64,
     ) -> Changes {
         let max = self.max_per_identity;
         let table = self.by_identity.entry(identity).or_default();
         let mut changes = Changes::default();
-        let before = table.get(&addr).map(|l| (l.expires_ns, l.ports.clone()));
+        let before = table
+            .get(&addr)
+            .map(|l| (l.expires_ns, l.ports.clone(), l.inspect));
         let entry = table.entry(addr).or_insert_with(|| Learned {
             expires_ns: 0,
             ports: ports.clone(),
             names: BTreeSet::new(),
+            inspect,
         });
+        entry.inspect |= inspect;
         entry.expires_ns = entry.expires_ns.max(expires_ns);
         entry.ports = entry.ports.union(ports);
         if let Ports::Only(set) = &entry.ports
@@ -122,7 +135,11 @@ impl LearnedStore {
                 changes.added.push((identity, addr));
                 changes.set.push((identity, addr, entry.to_value()));
             }
-            Some((expires, ports)) if expires != entry.expires_ns || ports != entry.ports => {
+            Some((expires, ports, inspect))
+                if expires != entry.expires_ns
+                    || ports != entry.ports
+                    || inspect != entry.inspect =>
+            {
                 changes.set.push((identity, addr, entry.to_value()));
             }
             Some(_) => {}
@@ -147,6 +164,7 @@ impl LearnedStore {
             expires_ns: value.expires_ns,
             ports: ports_of(value),
             names: BTreeSet::new(),
+            inspect: value.flags & EGRESS_F_INSPECT != 0,
         };
         self.by_identity
             .entry(identity)
@@ -176,7 +194,7 @@ impl LearnedStore {
     /// gives the ports now allowed for that name, or `None`. Entries none of whose names are
     /// still allowed are removed; the others get the new ports. Entries without names (adopted
     /// after a restart) are left to expire.
-    pub fn revalidate(&mut self, allowed: impl Fn(u32, &str) -> Option<Ports>) -> Changes {
+    pub fn revalidate(&mut self, allowed: impl Fn(u32, &str) -> Option<(Ports, bool)>) -> Changes {
         let mut changes = Changes::default();
         for (identity, table) in &mut self.by_identity {
             table.retain(|addr, l| {
@@ -184,8 +202,10 @@ impl LearnedStore {
                     return true;
                 }
                 let mut ports: Option<Ports> = None;
+                let mut inspect = false;
                 l.names.retain(|name| match allowed(*identity, name) {
-                    Some(p) => {
+                    Some((p, inspected)) => {
+                        inspect |= inspected;
                         ports = Some(
                             ports
                                 .as_ref()
@@ -201,8 +221,9 @@ impl LearnedStore {
                         false
                     }
                     Some(p) => {
-                        if p != l.ports {
+                        if p != l.ports || inspect != l.inspect {
                             l.ports = p;
+                            l.inspect = inspect;
                             changes.set.push((*identity, *addr, l.to_value()));
                         }
                         true
@@ -250,9 +271,9 @@ mod tests {
     #[test]
     fn learning_extends_expiry_and_unions_ports() {
         let mut s = LearnedStore::new(10);
-        let c = s.learn(1, ip("198.18.1.1"), "a.test", &only(&[443]), 100);
+        let c = s.learn(1, ip("198.18.1.1"), "a.test", &only(&[443]), false, 100);
         assert_eq!(c.added, vec![(1, ip("198.18.1.1"))]);
-        let c = s.learn(1, ip("198.18.1.1"), "b.test", &only(&[80]), 50);
+        let c = s.learn(1, ip("198.18.1.1"), "b.test", &only(&[80]), false, 50);
         assert!(c.added.is_empty(), "the address was known");
         let v = c.set[0].2;
         assert_eq!(v.expires_ns, 100);
@@ -269,17 +290,17 @@ mod tests {
     #[test]
     fn repeated_answers_write_nothing() {
         let mut s = LearnedStore::new(10);
-        s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, 100);
+        s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, false, 100);
         assert_eq!(
-            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, 100),
+            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, false, 100),
             Changes::default()
         );
         assert_eq!(
-            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, 90),
+            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, false, 90),
             Changes::default()
         );
         assert_eq!(
-            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, 101)
+            s.learn(1, ip("198.18.1.1"), "a.test", &Ports::Any, false, 101)
                 .set
                 .len(),
             1
@@ -287,23 +308,48 @@ mod tests {
     }
 
     #[test]
+    fn an_inspected_name_makes_a_shared_address_inspected() {
+        let mut s = LearnedStore::new(10);
+        let c = s.learn(1, ip("198.18.1.1"), "cdn.test", &Ports::Any, false, 100);
+        assert_eq!(c.set[0].2.flags & EGRESS_F_INSPECT, 0);
+        let c = s.learn(
+            1,
+            ip("198.18.1.1"),
+            "api.stripe.com",
+            &Ports::Any,
+            true,
+            100,
+        );
+        assert_ne!(
+            c.set[0].2.flags & EGRESS_F_INSPECT,
+            0,
+            "inspection wins on a shared address"
+        );
+        let c = s.learn(1, ip("198.18.1.1"), "cdn.test", &Ports::Any, false, 200);
+        assert_ne!(c.set[0].2.flags & EGRESS_F_INSPECT, 0, "and stays");
+        // A reload that stops inspecting the name clears the flag.
+        let c = s.revalidate(|_, _| Some((Ports::Any, false)));
+        assert_eq!(c.set[0].2.flags & EGRESS_F_INSPECT, 0);
+    }
+
+    #[test]
     fn bound_evicts_the_entry_closest_to_expiry() {
         let mut s = LearnedStore::new(2);
-        s.learn(1, ip("198.18.1.1"), "a", &Ports::Any, 300);
-        s.learn(1, ip("198.18.1.2"), "b", &Ports::Any, 100);
-        let c = s.learn(1, ip("198.18.1.3"), "c", &Ports::Any, 200);
+        s.learn(1, ip("198.18.1.1"), "a", &Ports::Any, false, 300);
+        s.learn(1, ip("198.18.1.2"), "b", &Ports::Any, false, 100);
+        let c = s.learn(1, ip("198.18.1.3"), "c", &Ports::Any, false, 200);
         assert_eq!(c.removed, vec![(1, ip("198.18.1.2"))]);
         assert_eq!(s.count(1), 2);
         // Another identity has its own bound.
-        s.learn(2, ip("198.18.1.2"), "b", &Ports::Any, 100);
+        s.learn(2, ip("198.18.1.2"), "b", &Ports::Any, false, 100);
         assert_eq!(s.count(2), 1);
     }
 
     #[test]
     fn expiry_removes_only_expired_entries() {
         let mut s = LearnedStore::new(10);
-        s.learn(1, ip("198.18.1.1"), "a", &Ports::Any, 100);
-        s.learn(1, ip("fd00::1"), "a", &Ports::Any, 200);
+        s.learn(1, ip("198.18.1.1"), "a", &Ports::Any, false, 100);
+        s.learn(1, ip("fd00::1"), "a", &Ports::Any, false, 200);
         assert_eq!(
             s.expire(150, 100),
             Changes::default(),
@@ -317,8 +363,8 @@ mod tests {
     #[test]
     fn revalidation_drops_names_the_policy_no_longer_allows() {
         let mut s = LearnedStore::new(10);
-        s.learn(1, ip("198.18.1.1"), "gone.test", &Ports::Any, 100);
-        s.learn(1, ip("198.18.1.2"), "kept.test", &Ports::Any, 100);
+        s.learn(1, ip("198.18.1.1"), "gone.test", &Ports::Any, false, 100);
+        s.learn(1, ip("198.18.1.2"), "kept.test", &Ports::Any, false, 100);
         s.adopt(
             1,
             ip("198.18.1.3"),
@@ -327,7 +373,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let c = s.revalidate(|_, name| (name == "kept.test").then(|| only(&[443])));
+        let c = s.revalidate(|_, name| (name == "kept.test").then(|| (only(&[443]), false)));
         assert_eq!(c.removed, vec![(1, ip("198.18.1.1"))]);
         assert_eq!(c.set.len(), 1);
         assert_eq!(c.set[0].2.port_count, 1);

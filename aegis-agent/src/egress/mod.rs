@@ -20,7 +20,8 @@ use std::{
 };
 
 use aegis_common::{
-    CONFIG_F_DNS6, IDENTITY_F_DENY_RAW, IDENTITY_F_SHADOW, IdentityValue, NodeConfig,
+    CONFIG_F_DNS6, CONFIG_F_L7_6, IDENTITY_F_DENY_RAW, IDENTITY_F_SHADOW, IdentityValue, L7Orig,
+    NodeConfig,
 };
 use ipnet::IpNet;
 
@@ -64,6 +65,14 @@ pub struct Settings {
     pub dns6: Option<Ipv6Addr>,
     /// First per-identity DNS proxy port.
     pub dns_port_base: u16,
+    /// IPv4 address of the L7 enforcer; without it, connections to inspected destinations
+    /// are denied.
+    pub l7_addr4: Option<Ipv4Addr>,
+    /// IPv6 address of the L7 enforcer.
+    pub l7_addr6: Option<Ipv6Addr>,
+    /// First per-identity L7 enforcer port; an identity's port keeps the same offset from it
+    /// as its DNS port from `dns_port_base`.
+    pub l7_port_base: u16,
     /// Floor on how long a learned address stays allowed.
     pub min_ttl: Duration,
     /// Mount point of cgroup v2.
@@ -134,6 +143,13 @@ impl Enforcer {
             config.flags |= CONFIG_F_DNS6;
             config.dns6 = v6.octets();
         }
+        if let Some(v4) = self.settings.l7_addr4 {
+            config.l7_addr4 = u32::from_ne_bytes(v4.octets());
+        }
+        if let Some(v6) = self.settings.l7_addr6 {
+            config.flags |= CONFIG_F_L7_6;
+            config.l7_addr6 = v6.octets();
+        }
         Ok(self.datapath.set_config(config)?)
     }
 
@@ -190,7 +206,12 @@ impl Enforcer {
         let policy = policies.for_identity(cg.identity.agent.as_str(), cg.identity.tenant.as_str());
         self.datapath.set_identity(
             cgroup_id,
-            identity_value(&cg.identity, port, policy.map(AsRef::as_ref)),
+            identity_value(
+                &cg.identity,
+                port,
+                self.l7_port(port),
+                policy.map(AsRef::as_ref),
+            ),
         )?;
         let level = cgroup::level(&self.settings.cgroup2, &cg.path);
         self.cgroups.insert(
@@ -265,8 +286,10 @@ impl Enforcer {
                 .for_identity(identity.agent.as_str(), identity.tenant.as_str())
                 .map(AsRef::as_ref);
             let port = self.port_for(&identity)?;
-            self.datapath
-                .set_identity(cgroup_id, identity_value(&identity, port, policy))?;
+            self.datapath.set_identity(
+                cgroup_id,
+                identity_value(&identity, port, self.l7_port(port), policy),
+            )?;
             if done.insert(identity.clone()) {
                 self.sync_cidrs(&identity, policy)?;
             }
@@ -274,9 +297,9 @@ impl Enforcer {
         let by_id: HashMap<u32, Identity> = done.into_iter().map(|i| (i.id(), i)).collect();
         let changes = self.learned.revalidate(|id, name| {
             let identity = by_id.get(&id)?;
-            policies
-                .for_identity(identity.agent.as_str(), identity.tenant.as_str())?
-                .fqdn_ports(name)
+            let policy =
+                policies.for_identity(identity.agent.as_str(), identity.tenant.as_str())?;
+            Some((policy.fqdn_ports(name)?, policy.inspects(name)))
         });
         self.apply_learned(changes)
     }
@@ -321,6 +344,7 @@ impl Enforcer {
         identity: u32,
         name: &str,
         ports: &Ports,
+        inspect: bool,
         addrs: &[(IpAddr, u32)],
     ) -> Result<Vec<IpAddr>, EnforcerError> {
         const SECOND: u64 = 1_000_000_000;
@@ -330,7 +354,9 @@ impl Enforcer {
             let ttl = Duration::from_secs(u64::from(*ttl)).max(self.settings.min_ttl);
             let expires = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
             let expires = (expires / SECOND).saturating_add(1).saturating_mul(SECOND);
-            let changes = self.learned.learn(identity, *addr, name, ports, expires);
+            let changes = self
+                .learned
+                .learn(identity, *addr, name, ports, inspect, expires);
             added.extend(changes.added.iter().map(|(_, a)| *a));
             self.apply_learned(changes)?;
         }
@@ -371,6 +397,21 @@ impl Enforcer {
         Ok(self.datapath.remove_identity(cgroup_id)?)
     }
 
+    /// The L7 enforcer port of the identity whose DNS port is `dns_port`, when the node has
+    /// an enforcer address.
+    pub fn l7_port(&self, dns_port: u16) -> Option<u16> {
+        if self.settings.l7_addr4.is_none() && self.settings.l7_addr6.is_none() {
+            return None;
+        }
+        let offset = dns_port.checked_sub(self.settings.dns_port_base)?;
+        self.settings.l7_port_base.checked_add(offset)
+    }
+
+    /// Takes the original destination of a connection redirected to the L7 enforcer.
+    pub fn take_l7_origin(&mut self, peer: std::net::SocketAddr) -> Option<L7Orig> {
+        self.datapath.take_l7_origin(peer)
+    }
+
     /// Whether `cgroup_id` is registered under `identity`.
     pub fn is_registered(&self, cgroup_id: u64, identity: &Identity) -> bool {
         self.cgroups
@@ -395,7 +436,12 @@ impl Enforcer {
 }
 
 /// The kernel identity value for `identity` under `policy` (none: deny everything).
-fn identity_value(identity: &Identity, dns_port: u16, policy: Option<&Policy>) -> IdentityValue {
+fn identity_value(
+    identity: &Identity,
+    dns_port: u16,
+    l7_port: Option<u16>,
+    policy: Option<&Policy>,
+) -> IdentityValue {
     let mut flags = 0;
     if policy.is_none_or(|p| p.deny_raw_sockets) {
         flags |= IDENTITY_F_DENY_RAW;
@@ -408,6 +454,6 @@ fn identity_value(identity: &Identity, dns_port: u16, policy: Option<&Policy>) -
         policy_version: policy.map_or(0, |p| p.version),
         flags,
         dns_port,
-        _pad: 0,
+        l7_port: l7_port.unwrap_or(0),
     }
 }

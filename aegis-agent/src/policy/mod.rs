@@ -6,9 +6,19 @@
 //! only when it loaded cleanly, so a broken file never weakens (or widens) enforcement.
 //!
 //! Raw serde types (`raw`) reject unknown fields; values that carry syntax (FQDN patterns, CIDRs,
-//! names, ports) are checked while deserializing, so their errors point at the offending line.
+//! names, ports, regexes, time zones) are checked while deserializing, so their errors point at
+//! the offending line.
+//!
+//! The same files carry the L7 (parameter-level) policy: `inspect: true` on egress entries, and
+//! `tools` and `dlp` sections (`l7`). [`L7Engine`] compiles them to Rego (`rego`) and evaluates
+//! requests with regorus; raw `*.rego` modules next to the YAML hook extra rules in.
 
+mod cases;
+mod engine;
+mod input;
+mod l7;
 mod raw;
+mod rego;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -19,7 +29,16 @@ use std::{
 
 use ipnet::IpNet;
 
+pub use cases::run_cases;
+// The L7 enforcer's API; a caller names the types it needs.
+#[allow(
+    unused_imports,
+    reason = "API of the L7 enforcer: callers name what they need"
+)]
+pub use engine::{DEFAULT_EVAL_LIMIT, L7Decision, L7Engine, L7Error, L7Request};
+pub use l7::{CustomDetector, DLP_KINDS, L7Verdict, Tool};
 pub use raw::{FqdnPattern, Name};
+pub use rego::compile_bundle;
 
 /// Most distinct ports an identity's egress rules may name together: the kernel's allowlist
 /// value holds [`aegis_common::MAX_PORTS`] ports.
@@ -67,6 +86,8 @@ pub enum Destination {
 pub struct EgressRule {
     pub destination: Destination,
     pub ports: Ports,
+    /// TLS connections to this name go through the L7 enforcer (fqdn rules only).
+    pub inspect: bool,
 }
 
 /// A validated policy for one agent (and optionally one tenant).
@@ -83,6 +104,12 @@ pub struct Policy {
     pub egress: Vec<EgressRule>,
     /// Whether raw and packet sockets are refused (default: yes).
     pub deny_raw_sockets: bool,
+    /// L7 tools (host + method + path → action), in file order (the first match wins).
+    pub tools: Vec<Tool>,
+    /// Policy-defined DLP detectors, by name.
+    pub dlp_custom: Vec<CustomDetector>,
+    /// Name of the policy's Rego package below `data.aegis.policy` (see [`rego_id`]).
+    pub rego_id: String,
 }
 
 impl Policy {
@@ -98,6 +125,25 @@ impl Policy {
             .fold(None, |acc: Option<Ports>, ports| {
                 Some(acc.map_or_else(|| ports.clone(), |acc| acc.union(ports)))
             })
+    }
+
+    /// Whether requests to `host` (any case, trailing dot ignored) go through the L7 enforcer:
+    /// an `inspect: true` fqdn rule matches it.
+    pub fn inspects(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        let host = host.strip_suffix('.').unwrap_or(&host);
+        self.egress.iter().any(|rule| match &rule.destination {
+            Destination::Fqdn(pattern) => rule.inspect && pattern.matches(host),
+            Destination::Cidr(_) => false,
+        })
+    }
+
+    /// The policy-defined DLP detector named `name`.
+    pub fn dlp_detector(&self, name: &str) -> Option<&regex::Regex> {
+        self.dlp_custom
+            .iter()
+            .find(|d| d.name.as_str() == name)
+            .map(|d| &d.regex.regex)
     }
 
     /// The literal CIDR rules.
@@ -137,13 +183,23 @@ impl fmt::Display for PolicyErrors {
 #[derive(Clone, Debug, Default)]
 pub struct PolicySet {
     by_identity: HashMap<(String, Option<String>), Arc<Policy>>,
+    /// Raw Rego modules (`*.rego` next to the YAML), sorted by file name.
+    rego_modules: Vec<RegoModule>,
+}
+
+/// A raw Rego module placed next to the policies; its package must be
+/// `aegis.ext.<policy rego id>` (checked by [`L7Engine::build`]).
+#[derive(Clone, Debug)]
+pub struct RegoModule {
+    pub source: PathBuf,
+    pub text: String,
 }
 
 // === impl PolicySet ===
 
 impl PolicySet {
-    /// Loads every `*.yaml`/`*.yml` file directly in `dir` (subdirectories, such as test cases,
-    /// are ignored).
+    /// Loads every `*.yaml`/`*.yml` file directly in `dir`, and the raw `*.rego` modules beside
+    /// them (subdirectories, such as test cases and the compiled bundle, are ignored).
     ///
     /// # Errors
     /// Every unreadable file, YAML or schema error, and duplicate (agent, tenant), each with
@@ -164,13 +220,31 @@ impl PolicySet {
             .map(|e| e.path())
             .filter(|p| {
                 p.is_file()
-                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                    && matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("yaml" | "yml" | "rego")
+                    )
             })
             .collect();
         files.sort();
+        let (rego_files, files): (Vec<PathBuf>, Vec<PathBuf>) = files
+            .into_iter()
+            .partition(|p| p.extension().is_some_and(|e| e == "rego"));
 
         let mut set = PolicySet::default();
         let mut errors = Vec::new();
+        for file in rego_files {
+            match fs::read_to_string(&file) {
+                Ok(text) => set.rego_modules.push(RegoModule { source: file, text }),
+                Err(e) => errors.push(PolicyError {
+                    file,
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read: {e}"),
+                }),
+            }
+        }
+        let mut rego_ids: HashMap<String, PathBuf> = HashMap::new();
         for file in files {
             let text = match fs::read_to_string(&file) {
                 Ok(text) => text,
@@ -190,6 +264,21 @@ impl PolicySet {
                         policy.agent.to_string(),
                         policy.tenant.as_ref().map(ToString::to_string),
                     );
+                    if let Some(first) = rego_ids.get(&policy.rego_id)
+                        && !set.by_identity.contains_key(&key)
+                    {
+                        errors.push(PolicyError {
+                            file: file.clone(),
+                            line: line_of(&text, "agent:"),
+                            column: 1,
+                            message: format!(
+                                "this policy and {} both compile to Rego package aegis.policy.{}; rename the agent or tenant",
+                                first.display(),
+                                policy.rego_id
+                            ),
+                        });
+                        continue;
+                    }
                     if let Some(first) = set.by_identity.get(&key) {
                         errors.push(PolicyError {
                             file: file.clone(),
@@ -204,6 +293,7 @@ impl PolicySet {
                         });
                         continue;
                     }
+                    rego_ids.insert(policy.rego_id.clone(), file.clone());
                     set.by_identity.insert(key, Arc::new(policy));
                 }
                 Err(e) => errors.push(e),
@@ -238,6 +328,28 @@ impl PolicySet {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
         self.by_identity.values()
     }
+
+    /// Every policy, sorted by source file.
+    pub fn sorted(&self) -> Vec<&Arc<Policy>> {
+        let mut all: Vec<_> = self.by_identity.values().collect();
+        all.sort_by(|a, b| a.source.cmp(&b.source));
+        all
+    }
+
+    /// The raw Rego modules of the directory.
+    pub fn rego_modules(&self) -> &[RegoModule] {
+        &self.rego_modules
+    }
+}
+
+/// The Rego package name (below `data.aegis.policy` and `data.aegis.ext`) of the policy for
+/// (agent, tenant): the names with `-` and `.` turned into `_`, joined by `__`.
+pub fn rego_id(agent: &str, tenant: Option<&str>) -> String {
+    let clean = |s: &str| s.replace(['-', '.'], "_");
+    match tenant {
+        Some(t) => format!("{}__{}", clean(agent), clean(t)),
+        None => clean(agent),
+    }
 }
 
 /// Parses and validates one policy file.
@@ -268,15 +380,115 @@ fn parse(file: &Path, text: &str) -> Result<Policy, PolicyError> {
             ),
         });
     }
+    let egress: Vec<EgressRule> = raw.egress.into_iter().map(Into::into).collect();
+    check_l7(&egress, &raw.tools, &raw.dlp.custom).map_err(|(needle, message)| PolicyError {
+        file: file.to_owned(),
+        line: needle.map_or(1, |(key, value)| line_of_value(text, key, &value)),
+        column: 1,
+        message,
+    })?;
+    let rego_id = rego_id(raw.agent.as_str(), raw.tenant.as_ref().map(Name::as_str));
     Ok(Policy {
         source: file.to_owned(),
         agent: raw.agent,
         tenant: raw.tenant,
         version: raw.version,
         mode: raw.mode.into(),
-        egress: raw.egress.into_iter().map(Into::into).collect(),
+        egress,
         deny_raw_sockets: raw.sockets.raw == raw::SocketRule::Deny,
+        tools: raw.tools,
+        dlp_custom: raw.dlp.custom,
+        rego_id,
     })
+}
+
+/// Where a cross-field error is: the first line with this key and value.
+type Needle = Option<(&'static str, String)>;
+
+/// Checks what spans several fields of the L7 part: every tool host is an inspected egress
+/// name, action names are unique, `sanitize` names exist.
+fn check_l7(
+    egress: &[EgressRule],
+    tools: &[Tool],
+    custom: &[CustomDetector],
+) -> Result<(), (Needle, String)> {
+    let mut detectors = BTreeSet::new();
+    for d in custom {
+        if DLP_KINDS.contains(&d.name.as_str()) {
+            return Err((
+                Some(("name:", d.name.to_string())),
+                format!(
+                    "dlp.custom: {:?} is a built-in detector; pick another name",
+                    d.name.as_str()
+                ),
+            ));
+        }
+        if !detectors.insert(d.name.as_str()) {
+            return Err((
+                Some(("name:", d.name.to_string())),
+                format!(
+                    "dlp.custom: detector {:?} is defined twice",
+                    d.name.as_str()
+                ),
+            ));
+        }
+    }
+    let mut actions = BTreeSet::new();
+    for tool in tools {
+        let covered = egress.iter().any(|rule| match &rule.destination {
+            Destination::Fqdn(p) => rule.inspect && covers(p, &tool.host),
+            Destination::Cidr(_) => false,
+        });
+        if !covered {
+            return Err((
+                Some(("host:", tool.host.to_string())),
+                format!(
+                    "tool {}: host {} is not covered by an egress entry with `inspect: true`",
+                    tool.name, tool.host
+                ),
+            ));
+        }
+        if tool.actions.is_empty() {
+            return Err((
+                Some(("name:", tool.name.to_string())),
+                format!("tool {}: no actions", tool.name),
+            ));
+        }
+        for action in &tool.actions {
+            if !actions.insert(action.name.as_str()) {
+                return Err((
+                    Some(("name:", action.name.to_string())),
+                    format!(
+                        "action {}: defined twice (action names are unique in a policy)",
+                        action.name
+                    ),
+                ));
+            }
+            for name in &action.sanitize {
+                let n = name.as_str();
+                if !DLP_KINDS.contains(&n) && !detectors.contains(n) {
+                    return Err((
+                        Some(("sanitize:", n.to_owned())),
+                        format!(
+                            "action {}: unknown DLP detector {n:?}: use one of {} or a `dlp.custom` name",
+                            action.name,
+                            DLP_KINDS.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether every name `inner` matches is matched by `outer`.
+fn covers(outer: &FqdnPattern, inner: &FqdnPattern) -> bool {
+    match (outer, inner) {
+        (_, FqdnPattern::Exact(name)) => outer.matches(name),
+        (FqdnPattern::Wildcard(o), FqdnPattern::Wildcard(i)) => i.ends_with(o.as_str()),
+        (FqdnPattern::Exact(_), FqdnPattern::Wildcard(_)) => false,
+    }
 }
 
 /// The message of a YAML error without the " at line L column C" suffix (the location is
@@ -287,6 +499,16 @@ pub fn yaml_message(e: &serde_norway::Error) -> String {
         Some(i) if e.location().is_some() => text[..i].to_owned(),
         _ => text,
     }
+}
+
+/// 1-based line of the first line holding `key` followed by `value`, or 1.
+fn line_of_value(text: &str, key: &str, value: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.find(key)
+                .is_some_and(|i| l[i + key.len()..].contains(value))
+        })
+        .map_or(1, |i| i + 1)
 }
 
 /// 1-based line of the first line starting with `key` (after indentation), or 1.

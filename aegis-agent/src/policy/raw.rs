@@ -6,7 +6,10 @@ use std::{collections::BTreeSet, fmt};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::{Destination, EgressRule, MAX_DISTINCT_PORTS, Mode, Ports};
+use super::{
+    Destination, EgressRule, MAX_DISTINCT_PORTS, Mode, Ports,
+    l7::{CustomDetector, Tool},
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +24,18 @@ pub(super) struct RawPolicy {
     pub egress: Vec<RawEgress>,
     #[serde(default)]
     pub sockets: RawSockets,
+    #[serde(default)]
+    pub tools: Vec<Tool>,
+    #[serde(default)]
+    pub dlp: RawDlp,
+}
+
+/// The `dlp` section: policy-defined detectors, named by actions' `sanitize` lists.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDlp {
+    #[serde(default)]
+    pub custom: Vec<CustomDetector>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +76,7 @@ pub(super) enum SocketRule {
 pub(super) struct RawEgress {
     pub destination: Destination,
     pub ports: Ports,
+    pub inspect: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +88,8 @@ struct RawEgressFields {
     cidr: Option<IpNet>,
     #[serde(default)]
     ports: Option<Vec<u16>>,
+    #[serde(default)]
+    inspect: bool,
 }
 
 impl TryFrom<RawEgressFields> for RawEgress {
@@ -99,7 +117,14 @@ impl TryFrom<RawEgressFields> for RawEgress {
                 Ports::Only(set)
             }
         };
-        Ok(RawEgress { destination, ports })
+        if f.inspect && !matches!(destination, Destination::Fqdn(_)) {
+            return Err("`inspect` applies to `fqdn` entries only".into());
+        }
+        Ok(RawEgress {
+            destination,
+            ports,
+            inspect: f.inspect,
+        })
     }
 }
 
@@ -108,6 +133,7 @@ impl From<RawEgress> for EgressRule {
         EgressRule {
             destination: r.destination,
             ports: r.ports,
+            inspect: r.inspect,
         }
     }
 }

@@ -132,3 +132,328 @@ fn shipped_example_policies_are_valid() {
     let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
     assert!(!set.is_empty());
 }
+
+// === L7 ===
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+/// A generous limit: tests check decisions, not speed, on a shared, unoptimized build.
+const TEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn example_engine() -> L7Engine {
+    let set = PolicySet::load_dir(&examples_dir()).unwrap_or_else(|e| panic!("{e}"));
+    L7Engine::build_with_limit(&set, TEST_LIMIT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every case of `policies/tests/*.yaml` (what `aegis-agent policy test policies/` runs).
+#[test]
+fn shipped_policy_cases_pass() {
+    let engine = example_engine();
+    let outcomes = run_cases(&engine, &examples_dir()).unwrap_or_else(|e| panic!("{e}"));
+    let failures: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| {
+            o.failure
+                .as_ref()
+                .map(|f| format!("{}: {}: {f}", o.file.display(), o.name))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        outcomes.len(),
+        failures.join("\n")
+    );
+    // Every example policy has cases.
+    for policy in engine.policies().iter() {
+        assert!(
+            outcomes.iter().any(|o| fs::read_to_string(&o.file)
+                .unwrap()
+                .contains(&format!("agent: {}", policy.agent))),
+            "no case for {}",
+            policy.source.display()
+        );
+    }
+}
+
+/// `policies/compiled/` is what `aegis-agent policy compile policies/` writes today.
+#[test]
+fn committed_bundle_is_up_to_date() {
+    let set = PolicySet::load_dir(&examples_dir()).unwrap();
+    let compiled = examples_dir().join("compiled");
+    for (name, text) in compile_bundle(&set).modules {
+        let committed = fs::read_to_string(compiled.join(&name)).unwrap_or_default();
+        assert!(
+            committed == text,
+            "policies/compiled/{name} is stale: run `aegis-agent policy compile policies/`"
+        );
+    }
+}
+
+#[test]
+fn inspects_follows_inspect_entries() {
+    let set = PolicySet::load_dir(&examples_dir()).unwrap();
+    let finance = set.for_identity("finance-agent", "acme").unwrap();
+    assert!(finance.inspects("api.stripe.com"));
+    assert!(finance.inspects("Hooks.Slack.com."));
+    assert!(!finance.inspects("slack.com"));
+    assert!(!finance.inspects("evil.example"));
+    let support = set.for_identity("support-agent", "default").unwrap();
+    assert!(support.inspects("slack.com"));
+    // `*.slack.com` is allowed for support-agent but not inspected.
+    assert!(!support.inspects("files.slack.com"));
+    assert_eq!(
+        support.fqdn_ports("files.slack.com"),
+        Some(Ports::Only([443].into()))
+    );
+    // The egress the demo needs stays allowed.
+    assert_eq!(
+        finance.fqdn_ports("api.stripe.com"),
+        Some(Ports::Only([443].into()))
+    );
+    assert!(finance.fqdn_ports("hooks.slack.com").is_some());
+}
+
+const L7_HEAD: &str = "agent: a\nversion: 1\negress:\n  - fqdn: api.example.com\n    inspect: true\n  - fqdn: other.example.com\ntools:\n  - name: t\n    host: api.example.com\n    actions:\n";
+
+#[test]
+fn l7_errors_name_file_line_and_field() {
+    let action = |rest: &str| {
+        format!("{L7_HEAD}      - name: act\n        method: POST\n        path: /x\n{rest}")
+    };
+    // Line 14 is the first line after `path:`.
+    let e = load_err(&action(
+        "        params:\n          id: { regex: \"a(b\" }\n",
+    ));
+    assert_eq!(e.line, 15, "{e}");
+    assert!(e.message.contains("invalid regex"), "{e}");
+    let e = load_err(&action(
+        "        hours: { tz: Mars/Olympus, from: \"09:00\", to: \"17:00\" }\n",
+    ));
+    assert_eq!(e.line, 14, "{e}");
+    assert!(e.message.contains("unknown time zone"), "{e}");
+    let e = load_err(&action(
+        "        hours: { tz: UTC, from: \"18:00\", to: \"09:00\" }\n",
+    ));
+    assert!(e.message.contains("across midnight"), "{e}");
+    let e = load_err(&action("        params:\n          amount: { maxx: 5 }\n"));
+    assert_eq!(e.line, 15, "{e}");
+    assert!(e.message.contains("unknown field `maxx`"), "{e}");
+    let e = load_err(&action(
+        "        params:\n          amount: { max: 5000, approval_needed_over: 5000 }\n",
+    ));
+    assert!(e.message.contains("must be below `max`"), "{e}");
+    let e = load_err(&action("        decision: sanitize\n"));
+    assert!(e.message.contains("needs a `sanitize` list"), "{e}");
+    let e = load_err(&action(
+        "        decision: sanitize\n        sanitize: [email, passport]\n",
+    ));
+    assert_eq!(e.line, 15, "{e}");
+    assert!(
+        e.message.contains("unknown DLP detector \"passport\""),
+        "{e}"
+    );
+    let e = load_err(&format!(
+        "{L7_HEAD}      - name: act\n        method: post\n        path: /x\n"
+    ));
+    assert_eq!(e.line, 12, "{e}");
+    let e = load_err(&format!(
+        "{L7_HEAD}      - name: act\n        method: GET\n        path: /x/**/y\n"
+    ));
+    assert_eq!(e.line, 13, "{e}");
+    // A tool host that is not inspected.
+    let e = load_err(
+        &L7_HEAD
+            .replace("    host: api.example.com", "    host: other.example.com")
+            .replace(
+                "    actions:\n",
+                "    actions:\n      - { name: a, method: GET, path: / }\n",
+            ),
+    );
+    assert_eq!(e.line, 9, "{e}");
+    assert!(
+        e.message
+            .contains("not covered by an egress entry with `inspect: true`"),
+        "{e}"
+    );
+    // `inspect` on a CIDR.
+    let e = load_err("agent: a\nversion: 1\negress:\n  - cidr: 10.0.0.0/8\n    inspect: true\n");
+    assert!(
+        e.message
+            .contains("`inspect` applies to `fqdn` entries only"),
+        "{e}"
+    );
+}
+
+#[test]
+fn raw_rego_errors_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        &format!("{L7_HEAD}      - {{ name: act, method: GET, path: / }}\n"),
+    );
+    write(
+        dir.path(),
+        "a.rego",
+        "package aegis.ext.a\n\nimport rego.v1\n\ndeny contains \"x\" if {\n\tinput.path ==\n}\n",
+    );
+    let set = PolicySet::load_dir(dir.path()).unwrap();
+    let errs = L7Engine::build(&set).err().expect("a parse error").0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].file.ends_with("a.rego"), "{}", errs[0]);
+    assert_eq!(errs[0].line, 7, "{}", errs[0]);
+    assert!(
+        errs[0].message.contains("expecting expression"),
+        "{}",
+        errs[0]
+    );
+
+    write(
+        dir.path(),
+        "a.rego",
+        "package aegis.ext.b\n\nimport rego.v1\n\ndeny contains \"x\" if true\n",
+    );
+    let set = PolicySet::load_dir(dir.path()).unwrap();
+    let errs = L7Engine::build(&set).err().expect("wrong package").0;
+    assert_eq!(errs[0].line, 1, "{}", errs[0]);
+    assert!(errs[0].message.contains("aegis.ext.a"), "{}", errs[0]);
+
+    // A hook module adds a deny reason.
+    write(
+        dir.path(),
+        "a.rego",
+        "package aegis.ext.a\n\nimport rego.v1\n\ndeny contains \"custom: no trailing slash\" if endswith(input.path, \"/\")\n",
+    );
+    let set = PolicySet::load_dir(dir.path()).unwrap();
+    let engine = L7Engine::build(&set).unwrap_or_else(|e| panic!("{e}"));
+    let d = engine
+        .decide(&request("a", "api.example.com", "GET", "/", b""))
+        .unwrap();
+    assert_eq!(d.verdict, L7Verdict::Deny);
+    assert_eq!(d.reason, "custom: no trailing slash");
+}
+
+fn request<'a>(
+    agent: &'a str,
+    host: &'a str,
+    method: &'a str,
+    path: &'a str,
+    body: &'a [u8],
+) -> L7Request<'a> {
+    L7Request {
+        agent,
+        tenant: "default",
+        host,
+        method,
+        path,
+        query: None,
+        content_type: Some("application/json"),
+        body,
+        time: std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_736_175_600),
+    }
+}
+
+#[test]
+fn decisions_carry_version_mode_and_cost() {
+    let engine = example_engine();
+    let body = br#"{"model": "gpt-4o", "max_tokens": 10}"#;
+    let d = engine
+        .decide(&request(
+            "llm-agent",
+            "api.openai.com",
+            "POST",
+            "/v1/chat/completions",
+            body,
+        ))
+        .unwrap();
+    assert_eq!(d.verdict, L7Verdict::Deny);
+    assert_eq!(d.would, None);
+    assert_eq!(d.policy_version, 2);
+    assert_eq!(d.mode, Mode::Enforce);
+    assert_eq!(d.tool.as_deref(), Some("openai-api"));
+    assert_eq!(d.action.as_deref(), Some("chat_completions"));
+    assert_eq!(d.estimated_cost_usd, Some(0.002));
+    assert_eq!(d.reason, "constraint_violated: model not in [gpt-4o-mini]");
+
+    let mut shadow = request(
+        "support-agent",
+        "slack.com",
+        "POST",
+        "/api/chat.postMessage",
+        br##"{"channel": "#general"}"##,
+    );
+    shadow.tenant = "trial";
+    let d = engine.decide(&shadow).unwrap();
+    assert_eq!(
+        (d.verdict, d.would, d.mode),
+        (L7Verdict::Allow, Some(L7Verdict::Deny), Mode::Shadow)
+    );
+}
+
+#[test]
+fn the_engine_is_shareable() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<L7Engine>();
+}
+
+/// Decision latency of the example finance policy (not an assertion: run with
+/// `cargo test --release -p aegis-agent decision_latency -- --ignored --nocapture`).
+#[test]
+#[ignore = "a measurement; run it in release mode"]
+fn decision_latency() {
+    let set = PolicySet::load_dir(&examples_dir()).unwrap();
+    let engine = L7Engine::build(&set).unwrap();
+    let body = b"amount=1200&currency=usd&customer=cus_A1b2C3d4E5&metadata[order_id]=A-1";
+    let mut req = request(
+        "finance-agent",
+        "api.stripe.com",
+        "POST",
+        "/v1/payment_intents",
+        body,
+    );
+    req.content_type = Some("application/x-www-form-urlencoded");
+    let slack_body =
+        br##"{"channel": "#support", "text": "Customer 555-867-5309 asked about order 1234"}"##;
+    let slack = request(
+        "support-agent",
+        "slack.com",
+        "POST",
+        "/api/chat.postMessage",
+        slack_body,
+    );
+    for (name, req) in [
+        ("finance create_payment (form)", &req),
+        ("support chat.postMessage (JSON, hours)", &slack),
+    ] {
+        for _ in 0..1000 {
+            engine.decide(req).unwrap();
+        }
+        let mut samples = Vec::with_capacity(10_000);
+        let mut clone_only = Vec::with_capacity(10_000);
+        for _ in 0..10_000 {
+            let t = std::time::Instant::now();
+            let d = engine.decide(req).unwrap();
+            samples.push(t.elapsed());
+            std::hint::black_box(d);
+            let t = std::time::Instant::now();
+            std::hint::black_box(engine.clone_prepared());
+            clone_only.push(t.elapsed());
+        }
+        samples.sort();
+        clone_only.sort();
+        let pct =
+            |v: &[std::time::Duration], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+        println!(
+            "{name}: decide p50 {:?} p99 {:?} max {:?}; engine clone alone p50 {:?} p99 {:?}",
+            pct(&samples, 0.5),
+            pct(&samples, 0.99),
+            samples[samples.len() - 1],
+            pct(&clone_only, 0.5),
+            pct(&clone_only, 0.99),
+        );
+    }
+}

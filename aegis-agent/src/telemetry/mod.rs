@@ -11,9 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aegis_common::{
     AF_INET, AF_INET6, DenyEvent, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6,
-    HOOK_SOCK_CREATE, REASON_EXPIRED, REASON_NO_DNS_PROXY, REASON_NOT_ALLOWED,
-    REASON_PACKET_SOCKET, REASON_PORT_NOT_ALLOWED, REASON_RAW_SOCKET, SOCK_DGRAM, SOCK_RAW,
-    SOCK_STREAM, VERDICT_DENIED, VERDICT_WOULD_DENY,
+    HOOK_SOCK_CREATE, REASON_EXPIRED, REASON_NO_DNS_PROXY, REASON_NO_L7_ENFORCER,
+    REASON_NOT_ALLOWED, REASON_PACKET_SOCKET, REASON_PORT_NOT_ALLOWED, REASON_RAW_SOCKET,
+    REASON_UDP_TO_INSPECTED, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM, VERDICT_DENIED, VERDICT_WOULD_DENY,
 };
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
@@ -123,6 +123,8 @@ pub fn reason_name(code: u32) -> &'static str {
         REASON_RAW_SOCKET => "raw_socket",
         REASON_PACKET_SOCKET => "packet_socket",
         REASON_NO_DNS_PROXY => "no_dns_proxy",
+        REASON_NO_L7_ENFORCER => "no_l7_enforcer",
+        REASON_UDP_TO_INSPECTED => "udp_to_inspected",
         _ => "unknown",
     }
 }
@@ -164,9 +166,95 @@ pub fn event_destination(ev: &DenyEvent) -> Option<IpAddr> {
     }
 }
 
+/// One L7 decision, as logged, exported as a span (`aegis.l7`) and written to the audit log.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct L7Record {
+    /// Always `l7_decision`.
+    pub kind: &'static str,
+    pub agent: String,
+    pub tenant: String,
+    pub identity: u32,
+    /// The TLS server name (empty when the connection failed before the ClientHello).
+    pub sni: String,
+    /// Where the workload was connecting (the kernel's record), `ip:port`.
+    pub dst: String,
+    /// The workload's address as the enforcer saw it, `ip:port`.
+    pub peer: String,
+    pub method: String,
+    pub path: String,
+    /// `allow`, `deny`, `sanitize`, `approval_needed`.
+    pub decision: &'static str,
+    /// Shadow mode: `would_deny`, `would_sanitize`, ...
+    pub would: Option<String>,
+    pub reason: String,
+    pub tool: Option<String>,
+    pub action: Option<String>,
+    pub policy_version: u32,
+    /// `enforce` or `shadow`.
+    pub mode: &'static str,
+    pub estimated_cost_usd: Option<f64>,
+    /// DLP matches redacted before forwarding.
+    pub redactions: usize,
+    /// HTTP status returned to the workload.
+    pub status: Option<u16>,
+    /// Time from the request's arrival to the decision's effect (forwarded response headers or
+    /// refusal), microseconds.
+    pub latency_us: u64,
+}
+
+/// Logs and exports one L7 decision.
+pub fn l7_decision(r: &L7Record) {
+    let span = tracing::info_span!(
+        target: EVENT_TARGET, "aegis.l7",
+        agent_id = %r.agent, tenant = %r.tenant, tool = r.tool.as_deref(), action = r.action.as_deref(),
+        decision = r.decision, would = r.would.as_deref(), reason = %r.reason, policy_version = r.policy_version,
+        mode = r.mode, estimated_cost = r.estimated_cost_usd, latency_us = r.latency_us, sni = %r.sni, dst = %r.dst,
+        method = %r.method, path = %r.path, status = r.status
+    );
+    let _enter = span.enter();
+    let level_warn = matches!(r.decision, "deny" | "approval_needed") || r.would.is_some();
+    macro_rules! emit {
+        ($lvl:ident) => {
+            tracing::$lvl!(
+                target: EVENT_TARGET, event = "l7_decision", agent = %r.agent, tenant = %r.tenant, identity = r.identity,
+                sni = %r.sni, dst = %r.dst, method = %r.method, path = %r.path, decision = r.decision,
+                would = r.would.as_deref(), reason = %r.reason, tool = r.tool.as_deref(), action = r.action.as_deref(),
+                policy_version = r.policy_version, mode = r.mode, estimated_cost_usd = r.estimated_cost_usd,
+                redactions = r.redactions, status = r.status, latency_us = r.latency_us,
+                "L7 {} {} {}{}: {}", r.decision, r.method, r.sni, r.path, r.reason
+            )
+        };
+    }
+    if level_warn {
+        emit!(warn);
+    } else {
+        emit!(info);
+    }
+}
+
+/// One kernel denial, as logged and written to the audit log.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EgressRecord {
+    /// Always `egress_denied`.
+    pub kind: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub hook: &'static str,
+    pub agent: String,
+    pub tenant: String,
+    pub identity: u32,
+    pub policy_version: u32,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub comm: String,
+    pub dst: String,
+    pub port: u16,
+    pub protocol: String,
+}
+
 /// Logs (and exports) one kernel deny event. `who` is the identity registered for the event's
 /// numeric identity, if any; `policy_version` the version in force.
-pub fn kernel_event(ev: &DenyEvent, who: Option<&Identity>, policy_version: u32) {
+pub fn kernel_event(ev: &DenyEvent, who: Option<&Identity>, policy_version: u32) -> EgressRecord {
     let comm_len = ev
         .comm
         .iter()
@@ -198,6 +286,22 @@ pub fn kernel_event(ev: &DenyEvent, who: Option<&Identity>, policy_version: u32)
         family = ev.family, dst = %dst, port = ev.port, protocol = %protocol,
         "egress {verdict}: {comm} ({agent}@{tenant}) to {dst}:{} ({reason})", ev.port
     );
+    EgressRecord {
+        kind: "egress_denied",
+        verdict,
+        reason,
+        hook,
+        agent: agent.to_owned(),
+        tenant: tenant.to_owned(),
+        identity: ev.identity,
+        policy_version,
+        cgroup_id: ev.cgroup_id,
+        pid: ev.pid,
+        comm: comm.into_owned(),
+        dst,
+        port: ev.port,
+        protocol,
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,262 @@
+//! The node CA: the certificate agent workloads trust (mounted bundle plus `SSL_CERT_FILE` /
+//! `REQUESTS_CA_BUNDLE` / `NODE_EXTRA_CA_CERTS`) so that the L7 enforcer can terminate their
+//! TLS. It mints one leaf certificate per server name (SNI), cached.
+//!
+//! Invariants: the CA key never leaves the node (written 0600 beside the certificate when
+//! generated); leaves are ECDSA P-256, valid 24 hours (re-minted after 12), with the server
+//! name as their only subject alternative name (RFC 6125); the cache holds at most
+//! [`MAX_CACHED_LEAVES`] names.
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::{
+    crypto::ring::sign::any_supported_type,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    sign::CertifiedKey,
+};
+
+/// Names whose leaf certificate is kept; beyond, the cache is cleared (re-minting costs about
+/// a millisecond).
+pub const MAX_CACHED_LEAVES: usize = 10_000;
+/// Validity of a minted leaf.
+const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// Age after which a cached leaf is re-minted.
+const LEAF_REFRESH: Duration = Duration::from_secs(12 * 3600);
+/// Validity of a generated CA.
+const CA_VALIDITY: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+
+/// Errors of the node CA, naming the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not a usable CA certificate or key: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("minting a certificate for {name}: {source}")]
+    Mint {
+        name: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("the certificate for {name} is unusable by TLS: {source}")]
+    Key {
+        name: String,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// The node CA and its leaf cache.
+pub struct NodeCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    leaves: Mutex<HashMap<String, (Instant, Arc<CertifiedKey>)>>,
+}
+
+impl NodeCa {
+    /// Loads the CA from `cert` and `key` (PEM), generating and writing both if neither exists.
+    ///
+    /// # Errors
+    /// Only one of the files exists, or they cannot be read, parsed or written.
+    pub fn load_or_create(cert: &Path, key: &Path) -> Result<NodeCa, CaError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CaError::Io { path, source }
+        };
+        if !cert.exists() && !key.exists() {
+            let (cert_pem, key_pem) = generate_ca()?;
+            if let Some(dir) = cert.parent() {
+                fs::create_dir_all(dir).map_err(io_err(dir))?;
+            }
+            if let Some(dir) = key.parent() {
+                fs::create_dir_all(dir).map_err(io_err(dir))?;
+            }
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(key)
+                .map_err(io_err(key))?;
+            io::Write::write_all(&mut f, key_pem.as_bytes()).map_err(io_err(key))?;
+            fs::write(cert, &cert_pem).map_err(io_err(cert))?;
+            tracing::info!(target: "aegis::l7", cert = %cert.display(), "generated the node CA");
+        }
+        let cert_pem = fs::read_to_string(cert).map_err(io_err(cert))?;
+        let key_pem = fs::read_to_string(key).map_err(io_err(key))?;
+        let key_pair = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Parse {
+            path: key.to_owned(),
+            source,
+        })?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(|source| CaError::Parse {
+                path: cert.to_owned(),
+                source,
+            })?;
+        Ok(NodeCa {
+            issuer,
+            cert_pem,
+            leaves: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    #[cfg(test)]
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The leaf certificate and key for `name` (a DNS name, lowercase), minted on first use.
+    ///
+    /// # Errors
+    /// rcgen refuses the name or rustls the key.
+    pub fn leaf(&self, name: &str) -> Result<Arc<CertifiedKey>, CaError> {
+        let mut leaves = self.leaves.lock().expect("lock poisoned");
+        if let Some((minted, key)) = leaves.get(name)
+            && minted.elapsed() < LEAF_REFRESH
+        {
+            return Ok(key.clone());
+        }
+        let mint_err = |source| CaError::Mint {
+            name: name.to_owned(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(mint_err)?;
+        let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(mint_err)?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + LEAF_VALIDITY;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(mint_err)?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = any_supported_type(&der).map_err(|source| CaError::Key {
+            name: name.to_owned(),
+            source,
+        })?;
+        let ca_der = CertificateDer::from(self.issuer_der());
+        let certified = Arc::new(CertifiedKey::new(vec![cert.der().clone(), ca_der], signing));
+        if leaves.len() >= MAX_CACHED_LEAVES {
+            leaves.clear();
+        }
+        leaves.insert(name.to_owned(), (Instant::now(), certified.clone()));
+        Ok(certified)
+    }
+
+    fn issuer_der(&self) -> Vec<u8> {
+        rustls::pki_types::pem::PemObject::from_pem_slice(self.cert_pem.as_bytes())
+            .map(|c: CertificateDer<'static>| c.to_vec())
+            .unwrap_or_default()
+    }
+}
+
+/// A new CA: ECDSA P-256, `CN=Aegis node CA`, path length 0 (it signs leaves only).
+fn generate_ca() -> Result<(String, String), CaError> {
+    let mint_err = |source| CaError::Mint {
+        name: "node CA".into(),
+        source,
+    };
+    let key = KeyPair::generate().map_err(mint_err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(mint_err)?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + CA_VALIDITY;
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Aegis node CA");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Aegis");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key).map_err(mint_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_once_then_loads_and_mints_verifiable_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+        let ca = NodeCa::load_or_create(&cert, &key).unwrap();
+        let mode = fs::metadata(&key).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        let again = NodeCa::load_or_create(&cert, &key).unwrap();
+        assert_eq!(
+            ca.cert_pem(),
+            again.cert_pem(),
+            "an existing CA is loaded, not replaced"
+        );
+
+        let leaf = again.leaf("api.stripe.com").unwrap();
+        assert!(
+            Arc::ptr_eq(&leaf, &again.leaf("api.stripe.com").unwrap()),
+            "leaves are cached"
+        );
+
+        // The leaf verifies against the CA for its name, and not for another.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(again.issuer_der())).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        use rustls::client::danger::ServerCertVerifier as _;
+        let now = rustls::pki_types::UnixTime::now();
+        let name = rustls::pki_types::ServerName::try_from("api.stripe.com").unwrap();
+        verifier
+            .verify_server_cert(&leaf.cert[0], &leaf.cert[1..], &name, &[], now)
+            .unwrap();
+        let other = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
+        assert!(
+            verifier
+                .verify_server_cert(&leaf.cert[0], &leaf.cert[1..], &other, &[], now)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn half_a_ca_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+        fs::write(&cert, "not a cert").unwrap();
+        let err = NodeCa::load_or_create(&cert, &key)
+            .err()
+            .expect("must fail");
+        assert!(err.to_string().contains("ca.key"), "{err}");
+    }
+}

@@ -1,0 +1,606 @@
+//! The L7 request path, in order: connection (identity from the listener port, original
+//! destination from the kernel) → TLS (SNI required, must be an inspected domain of the
+//! identity; leaf minted by the node CA) → per request: `Host`/`:authority` must equal the SNI
+//! → body read up to the size limit → policy decision → forward (or refuse) → record.
+//!
+//! Invariants: nothing passes without a decision; any failure refuses (fail closed): non-TLS
+//! bytes, a ClientHello without SNI, an SNI the identity does not inspect, a Host that differs
+//! from the SNI, a body over the limit. The upstream is reached at the destination the workload
+//! connected to (as the kernel recorded it), by name: TLS to it verifies the upstream
+//! certificate for the SNI against the configured roots.
+
+use std::{
+    collections::HashSet,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited, combinators::BoxBody};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::{ServerConfig, pki_types::ServerName};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+
+use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa};
+use crate::{
+    audit::AuditLog,
+    egress::Enforcer,
+    identity::Identity,
+    policy::PolicySet,
+    telemetry::{self, L7Record},
+};
+
+/// Time allowed for the client's TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed to reach the upstream and finish its TLS handshake.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Settings of the L7 enforcer.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Addresses the per-identity listeners bind (the node's enforcer addresses).
+    pub listen: Vec<IpAddr>,
+    /// Largest request body accepted, in bytes; larger requests get 413 without being read
+    /// whole.
+    pub max_body: usize,
+}
+
+/// The enforcer: one TLS listener per identity port and listen address.
+#[derive(Clone)]
+pub struct L7Proxy {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: Settings,
+    ca: NodeCa,
+    upstream_tls: TlsConnector,
+    enforcer: Arc<Mutex<Enforcer>>,
+    policies: Arc<ArcSwap<PolicySet>>,
+    decider: Arc<dyn Decider>,
+    audit: AuditLog,
+    bound: Mutex<HashSet<u16>>,
+}
+
+/// Why a connection or request was refused, and how the client is told.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("no original destination recorded for {peer} (not redirected by the kernel)")]
+    NoOrigin { peer: SocketAddr },
+    #[error("TLS ClientHello without SNI")]
+    NoSni,
+    #[error("SNI {sni} is not an inspected domain of this identity")]
+    NotInspected { sni: String },
+    #[error("TLS handshake failed: {0}")]
+    Handshake(io::Error),
+    #[error("Host {host:?} differs from SNI {sni} (domain fronting)")]
+    HostMismatch { host: String, sni: String },
+    #[error("request body over the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("reading the request body: {0}")]
+    Body(String),
+    #[error("upstream {upstream}: {message}")]
+    Upstream { upstream: String, message: String },
+    #[error("policy: {0}")]
+    Policy(String),
+}
+
+impl Refusal {
+    /// Stable reason code, as it appears in events.
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NoOrigin { .. } => "no_origin",
+            Refusal::NoSni => "no_sni",
+            Refusal::NotInspected { .. } => "sni_not_inspected",
+            Refusal::Handshake(_) => "tls_handshake_failed",
+            Refusal::HostMismatch { .. } => "host_mismatch",
+            Refusal::TooLarge { .. } => "body_too_large",
+            Refusal::Body(_) => "body_unreadable",
+            Refusal::Upstream { .. } => "upstream_failed",
+            Refusal::Policy(_) => "policy_error",
+        }
+    }
+
+    /// The one place refusals become HTTP responses.
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::HostMismatch { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Refusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::Body(_) => StatusCode::BAD_REQUEST,
+            Refusal::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Refusal::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// Per-connection facts every request of it shares.
+struct Conn {
+    identity: Identity,
+    sni: String,
+    peer: SocketAddr,
+    origin: SocketAddr,
+    upstream: tokio::sync::Mutex<Option<Upstream>>,
+}
+
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+// === impl L7Proxy ===
+
+impl L7Proxy {
+    /// An enforcer terminating TLS with `ca`, re-originating TLS verified against
+    /// `upstream_roots`, deciding with `decider`.
+    pub fn new(
+        settings: Settings,
+        ca: NodeCa,
+        upstream_roots: rustls::RootCertStore,
+        enforcer: Arc<Mutex<Enforcer>>,
+        policies: Arc<ArcSwap<PolicySet>>,
+        decider: Arc<dyn Decider>,
+        audit: AuditLog,
+    ) -> L7Proxy {
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(upstream_roots)
+        .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        L7Proxy {
+            shared: Arc::new(Shared {
+                settings,
+                ca,
+                upstream_tls: TlsConnector::from(Arc::new(client)),
+                enforcer,
+                policies,
+                decider,
+                audit,
+                bound: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// Binds the listeners of `identity` on `port` (once) and serves them in background
+    /// tasks. Must run inside the tokio runtime.
+    ///
+    /// # Errors
+    /// A listen address or port cannot be bound.
+    pub fn serve_identity(&self, identity: &Identity, port: u16) -> io::Result<()> {
+        let mut bound = self.shared.bound.lock().expect("lock poisoned");
+        if bound.contains(&port) {
+            return Ok(());
+        }
+        for ip in &self.shared.settings.listen {
+            let socket = if ip.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(SocketAddr::new(*ip, port))?;
+            let listener = socket.listen(1024)?;
+            tokio::spawn(accept_loop(self.shared.clone(), identity.clone(), listener));
+        }
+        bound.insert(port);
+        Ok(())
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, identity: Identity, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let (shared, identity) = (shared.clone(), identity.clone());
+                tokio::spawn(async move {
+                    if let Err(refusal) = serve_conn(&shared, &identity, stream, peer).await {
+                        let record = L7Record {
+                            peer: peer.to_string(),
+                            ..refusal_record(&identity, &refusal)
+                        };
+                        emit(&shared, &record);
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(target: "aegis::l7", error = %e, "L7 accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Connection phase: origin, TLS with SNI checks, then HTTP/1.1 or HTTP/2 by ALPN.
+async fn serve_conn(
+    shared: &Arc<Shared>,
+    identity: &Identity,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), Refusal> {
+    let origin = shared
+        .enforcer
+        .lock()
+        .expect("lock poisoned")
+        .take_l7_origin(peer);
+    let Some(origin) = origin else {
+        return Err(Refusal::NoOrigin { peer });
+    };
+    let origin_addr = SocketAddr::new(
+        std::net::Ipv6Addr::from(origin.addr).to_canonical(),
+        u16::try_from(origin.port).unwrap_or(0),
+    );
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let start = tokio::time::timeout(HANDSHAKE_TIMEOUT, start)
+        .await
+        .map_err(|_| Refusal::Handshake(io::ErrorKind::TimedOut.into()))?
+        .map_err(Refusal::Handshake)?;
+    let sni = match start.client_hello().server_name() {
+        None => return Err(Refusal::NoSni),
+        Some(name) => name.to_ascii_lowercase(),
+    };
+    let inspected = shared
+        .policies
+        .load()
+        .for_identity(identity.agent.as_str(), identity.tenant.as_str())
+        .is_some_and(|p| p.inspects(&sni));
+    if !inspected {
+        return Err(Refusal::NotInspected { sni });
+    }
+    let leaf = shared
+        .ca
+        .leaf(&sni)
+        .map_err(|e| Refusal::Handshake(io::Error::other(e)))?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(leaf)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(Arc::new(config)))
+        .await
+        .map_err(|_| Refusal::Handshake(io::ErrorKind::TimedOut.into()))?
+        .map_err(Refusal::Handshake)?;
+    let conn = Arc::new(Conn {
+        identity: identity.clone(),
+        sni,
+        peer,
+        origin: origin_addr,
+        upstream: tokio::sync::Mutex::new(None),
+    });
+    let shared = shared.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (shared, conn) = (shared.clone(), conn.clone());
+        async move { Ok::<_, hyper::Error>(handle(&shared, &conn, req).await) }
+    });
+    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(target: "aegis::l7", %peer, error = %e, "L7 connection ended");
+    }
+    Ok(())
+}
+
+/// Request phase: Host check, body, decision, forward.
+async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let mut record = L7Record {
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        ..conn_record(conn)
+    };
+    let (response, refusal) = decide_and_forward(shared, conn, req, &mut record).await;
+    if let Some(refusal) = refusal {
+        let refused = refusal_record(&conn.identity, &refusal);
+        record.decision = refused.decision;
+        record.reason = refused.reason;
+    }
+    record.status = Some(response.status().as_u16());
+    record.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    emit(shared, &record);
+    response
+}
+
+/// The request phase proper; fills `record` with the decision and returns the response, with
+/// the refusal when the enforcer (not the policy) refused.
+async fn decide_and_forward(
+    shared: &Shared,
+    conn: &Conn,
+    req: Request<Incoming>,
+    record: &mut L7Record,
+) -> (Response<Body>, Option<Refusal>) {
+    let refuse = |refusal: Refusal| (error_response(&refusal), Some(refusal));
+    let host = req
+        .uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.split(':').next().unwrap_or(h).to_owned())
+        })
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if host != conn.sni {
+        return refuse(Refusal::HostMismatch {
+            host,
+            sni: conn.sni.clone(),
+        });
+    }
+    let limit = shared.settings.max_body;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return refuse(Refusal::TooLarge { limit });
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return refuse(Refusal::TooLarge { limit });
+        }
+        Err(e) => return refuse(Refusal::Body(e.to_string())),
+    };
+    let request = DecisionRequest {
+        identity: &conn.identity,
+        host: &conn.sni,
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        body: &body,
+    };
+    let decision = match shared.decider.decide(&request) {
+        Ok(d) => d,
+        Err(e) => return refuse(Refusal::Policy(e)),
+    };
+    record.decision = decision.verdict.name();
+    record.would = decision.would.clone();
+    record.reason = decision.reason.clone();
+    record.tool = decision.tool.clone();
+    record.action = decision.action.clone();
+    record.policy_version = decision.policy_version;
+    record.mode = decision.mode;
+    record.estimated_cost_usd = decision.estimated_cost_usd;
+    let forward_body = match &decision.verdict {
+        Verdict::Allow => body,
+        Verdict::Sanitize {
+            body: redacted,
+            findings,
+        } => {
+            record.redactions = *findings;
+            Bytes::from(redacted.clone())
+        }
+        Verdict::Deny | Verdict::ApprovalNeeded { .. } => {
+            return (decision_response(&decision), None);
+        }
+    };
+    let length = forward_body.len();
+    let mut upstream_req = Request::from_parts(
+        parts,
+        Full::new(forward_body)
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    strip_hop_by_hop(upstream_req.headers_mut());
+    if record.redactions > 0 || declared.is_some() {
+        upstream_req
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    match forward(shared, conn, upstream_req).await {
+        Ok(resp) => (resp, None),
+        Err(refusal) => refuse(refusal),
+    }
+}
+
+/// Sends the request on the connection's upstream, opening it (TCP + TLS + HTTP handshake) on
+/// first use; the upstream protocol follows its ALPN answer.
+async fn forward(
+    shared: &Shared,
+    conn: &Conn,
+    req: Request<Body>,
+) -> Result<Response<Body>, Refusal> {
+    let upstream_err = |message: String| Refusal::Upstream {
+        upstream: format!("{} ({})", conn.sni, conn.origin),
+        message,
+    };
+    let mut slot = conn.upstream.lock().await;
+    let closed = match slot.as_ref() {
+        None => true,
+        Some(Upstream::H1(s)) => s.is_closed(),
+        Some(Upstream::H2(s)) => s.is_closed(),
+    };
+    if closed {
+        let name =
+            ServerName::try_from(conn.sni.clone()).map_err(|e| upstream_err(e.to_string()))?;
+        let open = async {
+            let tcp = TcpStream::connect(conn.origin).await?;
+            tcp.set_nodelay(true)?;
+            shared.upstream_tls.connect(name, tcp).await
+        };
+        let tls = tokio::time::timeout(UPSTREAM_TIMEOUT, open)
+            .await
+            .map_err(|_| upstream_err("timed out".into()))?
+            .map_err(|e| upstream_err(e.to_string()))?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(tls);
+        *slot = Some(if h2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| upstream_err(e.to_string()))?;
+            tokio::spawn(connection);
+            Upstream::H2(sender)
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| upstream_err(e.to_string()))?;
+            tokio::spawn(connection);
+            Upstream::H1(sender)
+        });
+    }
+    let response = match slot.as_mut().expect("set above") {
+        Upstream::H1(sender) => {
+            sender
+                .ready()
+                .await
+                .map_err(|e| upstream_err(e.to_string()))?;
+            let mut req = req;
+            // HTTP/1.1 needs a Host header; HTTP/2 requests carry :authority instead.
+            *req.version_mut() = http::Version::HTTP_11;
+            let host = HeaderValue::from_str(&conn.sni).map_err(|e| upstream_err(e.to_string()))?;
+            req.headers_mut().insert(header::HOST, host);
+            *req.uri_mut() = path_only(req.uri());
+            sender.send_request(req).await
+        }
+        Upstream::H2(sender) => {
+            let mut req = req;
+            *req.version_mut() = http::Version::HTTP_2;
+            req.headers_mut().remove(header::HOST);
+            *req.uri_mut() = absolute(&conn.sni, req.uri()).map_err(upstream_err)?;
+            sender.send_request(req).await
+        }
+    }
+    .map_err(|e| upstream_err(e.to_string()))?;
+    drop(slot);
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+fn path_only(uri: &http::Uri) -> http::Uri {
+    uri.path_and_query().map_or_else(
+        || http::Uri::from_static("/"),
+        |pq| {
+            pq.as_str()
+                .parse()
+                .unwrap_or_else(|_| http::Uri::from_static("/"))
+        },
+    )
+}
+
+fn absolute(host: &str, uri: &http::Uri) -> Result<http::Uri, String> {
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    format!("https://{host}{pq}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())
+}
+
+/// Removes hop-by-hop headers (RFC 9110 section 7.6.1).
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .filter_map(|s| http::HeaderName::from_bytes(s.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error_response(refusal: &Refusal) -> Response<Body> {
+    json_response(
+        refusal.status(),
+        serde_json::json!({"error": "aegis_refused", "reason": refusal.reason(), "message": refusal.to_string()}),
+    )
+}
+
+/// The documented responses to policy decisions (docs/l7.md).
+fn decision_response(d: &Decision) -> Response<Body> {
+    match &d.verdict {
+        Verdict::ApprovalNeeded { approval_id } => json_response(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({
+                "error": "approval_needed", "approval_id": approval_id, "reason": d.reason,
+                "tool": d.tool, "action": d.action, "policy_version": d.policy_version,
+            }),
+        ),
+        _ => json_response(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({
+                "error": "policy_violation", "reason": d.reason, "tool": d.tool, "action": d.action,
+                "policy_version": d.policy_version,
+            }),
+        ),
+    }
+}
+
+/// The fields every record of a connection shares.
+fn conn_record(conn: &Conn) -> L7Record {
+    L7Record {
+        sni: conn.sni.clone(),
+        dst: conn.origin.to_string(),
+        peer: conn.peer.to_string(),
+        ..refusal_record(&conn.identity, &Refusal::Policy(String::new()))
+    }
+}
+
+/// A record of a refusal by the enforcer itself (no policy decision reached).
+fn refusal_record(identity: &Identity, refusal: &Refusal) -> L7Record {
+    L7Record {
+        kind: "l7_decision",
+        agent: identity.agent.to_string(),
+        tenant: identity.tenant.to_string(),
+        identity: identity.id(),
+        decision: "deny",
+        reason: format!("{}: {refusal}", refusal.reason()),
+        mode: "enforce",
+        ..L7Record::default()
+    }
+}
+
+/// Logs, exports (span) and audits one decision.
+fn emit(shared: &Shared, record: &L7Record) {
+    telemetry::l7_decision(record);
+    shared.audit.append(record);
+}

@@ -1,0 +1,210 @@
+//! Data-driven policy tests (`aegis-agent policy test DIR`, and one unit test over
+//! `policies/tests/`): YAML files under `DIR/tests/`, each a list of cases — a request and the
+//! decision expected for it. The format is documented in `docs/policy.md`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::Deserialize;
+
+use super::{L7Engine, L7Request, L7Verdict, PolicyError, PolicyErrors, yaml_message};
+
+/// Request time of cases that give none: Monday 2025-01-06 15:00 UTC.
+pub const DEFAULT_TIME: &str = "2025-01-06T15:00:00Z";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    agent: String,
+    #[serde(default = "default_tenant")]
+    tenant: String,
+    request: CaseRequest,
+    expect: Expect,
+}
+
+fn default_tenant() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseRequest {
+    host: String,
+    method: String,
+    path: String,
+    #[serde(default)]
+    query: Option<String>,
+    #[serde(default)]
+    content_type: Option<String>,
+    /// A string is sent as is; a mapping or list is sent as JSON.
+    #[serde(default)]
+    body: Option<serde_json::Value>,
+    /// RFC 3339.
+    #[serde(default)]
+    time: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    verdict: L7Verdict,
+    #[serde(default)]
+    would: Option<L7Verdict>,
+    /// A substring of the reason.
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    tool: Option<String>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    sanitize: Option<Vec<String>>,
+    #[serde(default)]
+    estimated_cost_usd: Option<f64>,
+}
+
+/// The result of one case.
+#[derive(Clone, Debug)]
+pub struct CaseOutcome {
+    pub file: PathBuf,
+    pub name: String,
+    /// `None`: passed; otherwise what differed.
+    pub failure: Option<String>,
+}
+
+/// Runs every case file (`*.yaml`/`*.yml`) in `dir/tests/` against `engine`.
+///
+/// # Errors
+/// A case file that cannot be read or parsed (with file and line), or no case file at all.
+pub fn run_cases(engine: &L7Engine, dir: &Path) -> Result<Vec<CaseOutcome>, PolicyErrors> {
+    let tests = dir.join("tests");
+    let whole = |file: &Path, message: String| {
+        PolicyErrors(vec![PolicyError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            message,
+        }])
+    };
+    let mut files: Vec<PathBuf> = fs::read_dir(&tests)
+        .map_err(|e| whole(&tests, format!("cannot read test directory: {e}")))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(whole(&tests, "no test case files (*.yaml)".into()));
+    }
+    let mut outcomes = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        let text =
+            fs::read_to_string(&file).map_err(|e| whole(&file, format!("cannot read: {e}")))?;
+        let cases: Vec<Case> = match serde_norway::from_str(&text) {
+            Ok(cases) => cases,
+            Err(e) => {
+                let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+                errors.push(PolicyError {
+                    file: file.clone(),
+                    line,
+                    column,
+                    message: yaml_message(&e),
+                });
+                continue;
+            }
+        };
+        for case in cases {
+            let failure = run_case(engine, &case).err();
+            outcomes.push(CaseOutcome {
+                file: file.clone(),
+                name: case.name,
+                failure,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(outcomes)
+    } else {
+        Err(PolicyErrors(errors))
+    }
+}
+
+fn run_case(engine: &L7Engine, case: &Case) -> Result<(), String> {
+    let r = &case.request;
+    let (body, content_type) = match &r.body {
+        None => (Vec::new(), r.content_type.clone()),
+        Some(serde_json::Value::String(s)) => (s.clone().into_bytes(), r.content_type.clone()),
+        Some(v) => (
+            serde_json::to_vec(v).map_err(|e| e.to_string())?,
+            r.content_type
+                .clone()
+                .or_else(|| Some("application/json".into())),
+        ),
+    };
+    let time = r.time.as_deref().unwrap_or(DEFAULT_TIME);
+    let time: SystemTime = chrono::DateTime::parse_from_rfc3339(time)
+        .map_err(|e| format!("bad request.time {time:?}: {e}"))?
+        .into();
+    let req = L7Request {
+        agent: &case.agent,
+        tenant: &case.tenant,
+        host: &r.host,
+        method: &r.method,
+        path: &r.path,
+        query: r.query.as_deref(),
+        content_type: content_type.as_deref(),
+        body: &body,
+        time,
+    };
+    let d = engine.decide(&req).map_err(|e| format!("error: {e}"))?;
+    let e = &case.expect;
+    let mut diffs = Vec::new();
+    if d.verdict != e.verdict {
+        diffs.push(format!("verdict {} (expected {})", d.verdict, e.verdict));
+    }
+    if e.would.is_some() && d.would != e.would {
+        diffs.push(format!("would {:?} (expected {:?})", d.would, e.would));
+    }
+    if let Some(reason) = &e.reason
+        && !d.reason.contains(reason.as_str())
+    {
+        diffs.push(format!(
+            "reason {:?} (expected to contain {reason:?})",
+            d.reason
+        ));
+    }
+    if e.tool.is_some() && d.tool != e.tool {
+        diffs.push(format!("tool {:?} (expected {:?})", d.tool, e.tool));
+    }
+    if e.action.is_some() && d.action != e.action {
+        diffs.push(format!("action {:?} (expected {:?})", d.action, e.action));
+    }
+    if let Some(s) = &e.sanitize
+        && &d.sanitize != s
+    {
+        diffs.push(format!("sanitize {:?} (expected {s:?})", d.sanitize));
+    }
+    if e.estimated_cost_usd.is_some() && d.estimated_cost_usd != e.estimated_cost_usd {
+        diffs.push(format!(
+            "estimated_cost_usd {:?} (expected {:?})",
+            d.estimated_cost_usd, e.estimated_cost_usd
+        ));
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} [decision: {} / {}]",
+            diffs.join("; "),
+            d.verdict,
+            d.reason
+        ))
+    }
+}

@@ -1,0 +1,370 @@
+//! The L7 enforcer end to end: unmodified curl in a pod calls an *inspected* HTTPS domain; the
+//! kernel redirects the connection to the enforcer, which terminates TLS with the node CA,
+//! decides by policy, and re-originates TLS to the real server (an echo server in the "internet"
+//! namespace with its own test certificate).
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use aegis_tests::world::{DnsRecord, HttpServer, World, describe};
+use serde_json::Value;
+
+const STRIPE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
+const STRIPE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xae61, 1, 0, 0, 0, 0, 0x10);
+const SLACK: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
+const PLAIN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 12);
+const FINANCE: Option<(&str, Option<&str>)> = Some(("finance-agent", None));
+const SUPPORT: Option<(&str, Option<&str>)> = Some(("support-agent", None));
+
+const FINANCE_POLICY: &str = r#"
+agent: finance-agent
+version: 5
+egress:
+  - fqdn: api.stripe.com
+    ports: [443]
+    inspect: true
+  - fqdn: hooks.slack.com
+    ports: [443]
+    inspect: true
+  - fqdn: plain.example
+    ports: [443]
+tools:
+  - name: stripe-payments
+    host: api.stripe.com
+    actions:
+      - name: create_payment
+        method: POST
+        path: /v1/payment_intents
+        params:
+          amount: { required: true, max: 5000 }
+      - name: read
+        method: GET
+        path: /**
+  - name: slack
+    host: hooks.slack.com
+    actions:
+      - name: post_message
+        method: POST
+        path: /services/**
+        decision: sanitize
+        sanitize: [ssn, email]
+"#;
+
+const SUPPORT_POLICY: &str = r#"
+agent: support-agent
+version: 2
+mode: shadow
+egress:
+  - fqdn: api.stripe.com
+    ports: [443]
+    inspect: true
+tools:
+  - name: stripe-payments
+    host: api.stripe.com
+    actions:
+      - name: create_payment
+        method: POST
+        path: /v1/payment_intents
+        params:
+          amount: { max: 100 }
+"#;
+
+fn world() -> World {
+    let mut w = World::builder()
+        .pods(1)
+        .record(DnsRecord::new(
+            "api.stripe.com",
+            Some(STRIPE),
+            Some(STRIPE6),
+            60,
+        ))
+        .record(DnsRecord::new("hooks.slack.com", Some(SLACK), None, 60))
+        .record(DnsRecord::new("plain.example", Some(PLAIN), None, 60))
+        .http_server(
+            HttpServer::new("api.stripe.com", Some(STRIPE), Some(STRIPE6), &[443]).with_tls(),
+        )
+        .http_server(HttpServer::new("hooks.slack.com", Some(SLACK), None, &[443]).with_tls())
+        .http_server(HttpServer::new("plain.example", Some(PLAIN), None, &[443]).with_tls())
+        .policy("finance.yaml", FINANCE_POLICY)
+        .policy("support.yaml", SUPPORT_POLICY)
+        .build();
+    w.start_agent();
+    w
+}
+
+/// curl as `agent` trusting the node CA, returning (exit code, stdout, stderr).
+fn curl(
+    w: &World,
+    agent: Option<(&str, Option<&str>)>,
+    args: &[&str],
+) -> (Option<i32>, String, String) {
+    let ca = w.node_ca().to_string_lossy().into_owned();
+    let mut argv = vec!["curl", "-sS", "-m", "10", "--cacert", &ca];
+    argv.extend_from_slice(args);
+    let out = w.pod_exec(1, agent, &argv);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(text: &str, w: &World) -> Value {
+    serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}\n{}", w.diagnostics()))
+}
+
+#[test]
+fn allowed_call_passes_through_the_enforcer_with_its_body_intact() {
+    let w = world();
+    let body = r#"{"amount":1200,"currency":"usd"}"#;
+    let (code, out, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            "https://api.stripe.com/v1/payment_intents",
+        ],
+    );
+    assert_eq!(code, Some(0), "curl failed: {err}\n{}", w.diagnostics());
+    let echo = json(&out, &w);
+    assert_eq!(
+        echo["server"], "api.stripe.com",
+        "the real upstream answered"
+    );
+    assert_eq!(echo["body"], body, "the body arrived intact");
+    // The connection was intercepted: the event names the decision and the original target.
+    let e = w.wait_for_event("l7 allow", Duration::from_secs(10), |e| {
+        e["event"] == "l7_decision" && e["decision"] == "allow"
+    });
+    assert_eq!(e["agent"], "finance-agent");
+    assert_eq!(e["action"], "create_payment");
+    let dst = e["dst"].as_str().unwrap_or_default();
+    assert!(
+        dst == format!("{STRIPE}:443") || dst == format!("[{STRIPE6}]:443"),
+        "the event names where the agent was going: {e}"
+    );
+    assert_eq!(e["policy_version"], 5);
+    // One audit record for the decision, with the same facts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let record = loop {
+        let found = w
+            .audit_records()
+            .into_iter()
+            .find(|r| r["kind"] == "l7_decision" && r["action"] == "create_payment");
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit record\n{}",
+            w.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(record["decision"], "allow", "{record}");
+    assert_eq!(record["agent"], "finance-agent");
+    assert_eq!(record["tool"], "stripe-payments");
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["policy_version"], 5);
+    assert!(
+        record["latency_us"].as_u64().is_some() && record["seq"].as_u64().is_some(),
+        "{record}"
+    );
+}
+
+#[test]
+fn constraint_violation_is_refused_with_a_json_body_naming_the_rule() {
+    let w = world();
+    let (code, out, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"amount":50000}"#,
+            "https://api.stripe.com/v1/payment_intents",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (body, status) = out.rsplit_once('\n').expect("status line");
+    assert_eq!(status, "403", "{out}");
+    let v = json(body, &w);
+    assert_eq!(v["error"], "policy_violation", "{v}");
+    assert!(
+        v["reason"].as_str().unwrap_or_default().contains("amount"),
+        "the rule is named: {v}"
+    );
+    assert_eq!(v["action"], "create_payment");
+    assert!(!w.dnsmasq_log().is_empty());
+}
+
+#[test]
+fn sanitize_redacts_before_the_upstream_sees_it() {
+    let w = world();
+    let body = r#"{"text":"customer 123-45-6789 wrote from jane@example.com"}"#;
+    let (code, out, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            "https://hooks.slack.com/services/T1/B2",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    let echo = json(&out, &w);
+    let seen: Value =
+        serde_json::from_str(echo["body"].as_str().unwrap()).expect("upstream got JSON");
+    let text = seen["text"].as_str().unwrap();
+    assert!(
+        !text.contains("123-45-6789") && !text.contains("jane@example.com"),
+        "PII reached the upstream: {text}"
+    );
+    assert!(
+        text.contains("[REDACTED:SSN]") && text.contains("[REDACTED:EMAIL]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn shadow_mode_forwards_and_records_the_would_be_decision() {
+    let w = world();
+    let (code, out, err) = curl(
+        &w,
+        SUPPORT,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"amount":900}"#,
+            "https://api.stripe.com/v1/payment_intents",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    assert_eq!(
+        json(&out, &w)["body"],
+        r#"{"amount":900}"#,
+        "forwarded unchanged"
+    );
+    let e = w.wait_for_event("shadow", Duration::from_secs(10), |e| {
+        e["event"] == "l7_decision" && e["agent"] == "support-agent"
+    });
+    assert_eq!(e["would"], "would_deny", "{e}");
+    assert_eq!(e["mode"], "shadow");
+}
+
+#[test]
+fn host_header_must_match_the_sni() {
+    let w = world();
+    let (code, out, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Host: evil.example",
+            "https://api.stripe.com/v1/charges",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (body, status) = out.rsplit_once('\n').expect("status line");
+    assert_eq!(status, "421", "{out}");
+    assert_eq!(json(body, &w)["reason"], "host_mismatch");
+}
+
+#[test]
+fn http2_works_through_the_enforcer() {
+    let w = world();
+    let (code, out, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "--http2",
+            "-w",
+            "\n%{http_version}",
+            "https://api.stripe.com/v1/balance",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    let (body, version) = out.rsplit_once('\n').expect("version line");
+    assert_eq!(
+        version, "2",
+        "the client spoke HTTP/2 to the enforcer: {out}"
+    );
+    assert!(body.contains("hello from api.stripe.com"), "{body}");
+}
+
+#[test]
+fn a_body_over_the_limit_is_refused_without_reading_it_whole() {
+    let w = world();
+    let big = w.dir().join("big.json");
+    std::fs::write(&big, vec![b'a'; 10 * 1024 * 1024]).unwrap();
+    let data = format!("@{}", big.display());
+    let (code, out, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "content-type: application/json",
+            "--http1.1",
+            "--data-binary",
+            &data,
+            "https://api.stripe.com/v1/payment_intents",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.ends_with("413"), "{out}");
+}
+
+#[test]
+fn uninspected_domains_are_not_intercepted_and_plain_tcp_to_inspected_is_refused() {
+    let w = world();
+    // plain.example is allowed but not inspected: TLS goes straight to the server, whose own
+    // certificate the client must trust.
+    let cert = w.test_ca().to_string_lossy().into_owned();
+    let out = w.pod_exec(
+        1,
+        FINANCE,
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "--cacert",
+            &cert,
+            "https://plain.example/",
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello from plain.example"));
+    // Non-TLS bytes to an inspected destination: refused, not passed through.
+    let out = w.pod_exec(
+        1,
+        FINANCE,
+        &["curl", "-sS", "-m", "10", "http://api.stripe.com:443/"],
+    );
+    assert!(
+        !out.status.success(),
+        "plain HTTP must not pass: {}",
+        describe(&out)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hello from"),
+        "{}",
+        describe(&out)
+    );
+}
