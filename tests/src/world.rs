@@ -1158,6 +1158,37 @@ impl World {
         self.dir.join("tls").join("test-ca.crt")
     }
 
+    /// A server certificate for `name` signed by the test CA (made like the TLS servers'),
+    /// for servers a test or bench runs itself; returns (certificate, key) PEM paths. Call it
+    /// before [`World::start_agent`] so the agent verifies upstreams against the test CA.
+    ///
+    /// # Panics
+    /// If `openssl` fails.
+    pub fn server_cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        self.make_cert(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Spawns `argv` in namespace `ns` (`ip netns exec`) as a service of the world: stdin null,
+    /// stdout and stderr appended to `<name>.log` in [`World::dir`]; killed and reaped when the
+    /// world drops. Returns at once: wait for readiness yourself.
+    ///
+    /// # Panics
+    /// If the command cannot be spawned.
+    pub fn spawn_service<S: AsRef<OsStr>>(&mut self, ns: &str, name: &'static str, argv: &[S]) {
+        let log = append_file(&self.dir.join(format!("{name}.log"))).unwrap_or_else(|e| panic!("{e}"));
+        let log2 = log.try_clone().unwrap_or_else(|e| panic!("dup: {e}"));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", cmdline(&cmd)));
+        self.services.push((name, child));
+    }
+
     /// Makes the test CA (once) and a certificate for `name` signed by it, with `name` as
     /// subject alternative name; returns (certificate, key).
     fn make_cert(&self, name: &str) -> Result<(PathBuf, PathBuf), WorldError> {
