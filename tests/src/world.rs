@@ -1175,7 +1175,8 @@ impl World {
     /// # Panics
     /// If the command cannot be spawned.
     pub fn spawn_service<S: AsRef<OsStr>>(&mut self, ns: &str, name: &'static str, argv: &[S]) {
-        let log = append_file(&self.dir.join(format!("{name}.log"))).unwrap_or_else(|e| panic!("{e}"));
+        let log =
+            append_file(&self.dir.join(format!("{name}.log"))).unwrap_or_else(|e| panic!("{e}"));
         let log2 = log.try_clone().unwrap_or_else(|e| panic!("dup: {e}"));
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])

@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use aegis_tests::world::{DnsRecord, HttpServer, World, describe};
+mod common;
+
+use aegis_tests::world::{DnsRecord, HttpServer, NODE_UPLINK_V4, World, WorldBuilder, describe};
 use serde_json::Value;
 
 const STRIPE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
@@ -72,7 +74,11 @@ tools:
 "#;
 
 fn world() -> World {
-    let mut w = World::builder()
+    world_with(|b| b)
+}
+
+fn world_with(customize: impl FnOnce(WorldBuilder) -> WorldBuilder) -> World {
+    let b = World::builder()
         .pods(1)
         .record(DnsRecord::new(
             "api.stripe.com",
@@ -88,8 +94,8 @@ fn world() -> World {
         .http_server(HttpServer::new("hooks.slack.com", Some(SLACK), None, &[443]).with_tls())
         .http_server(HttpServer::new("plain.example", Some(PLAIN), None, &[443]).with_tls())
         .policy("finance.yaml", FINANCE_POLICY)
-        .policy("support.yaml", SUPPORT_POLICY)
-        .build();
+        .policy("support.yaml", SUPPORT_POLICY);
+    let mut w = customize(b).build();
     w.start_agent();
     w
 }
@@ -366,5 +372,161 @@ fn uninspected_domains_are_not_intercepted_and_plain_tcp_to_inspected_is_refused
         !String::from_utf8_lossy(&out.stdout).contains("hello from"),
         "{}",
         describe(&out)
+    );
+}
+
+#[test]
+fn every_decision_is_exported_as_an_otlp_span() {
+    let endpoint = format!("http://{NODE_UPLINK_V4}:{}", common::OTLP_PORT);
+    // The receiver runs inside the node namespace, which exists once the world is built; the
+    // agent starts after it.
+    let mut w = World::builder()
+        .pods(1)
+        .record(DnsRecord::new("api.stripe.com", Some(STRIPE), None, 60))
+        .http_server(HttpServer::new("api.stripe.com", Some(STRIPE), None, &[443]).with_tls())
+        .policy("finance.yaml", FINANCE_POLICY)
+        .agent_arg("--otlp-endpoint")
+        .agent_arg(&endpoint)
+        .agent_env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .build();
+    let receiver = common::spawn_receiver(
+        &w.node_ns(),
+        std::net::SocketAddr::new(NODE_UPLINK_V4.into(), common::OTLP_PORT),
+    );
+    w.start_agent();
+    let (code, _, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"amount":99999}"#,
+            "https://api.stripe.com/v1/payment_intents",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let span = loop {
+        let found = receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.name == "aegis.l7")
+            .cloned();
+        if let Some(span) = found {
+            break span;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no aegis.l7 span\n{}",
+            w.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (key, want) in [
+        ("agent_id", "finance-agent"),
+        ("tenant", "default"),
+        ("tool", "stripe-payments"),
+        ("action", "create_payment"),
+        ("decision", "deny"),
+        ("policy_version", "5"),
+        ("mode", "enforce"),
+    ] {
+        assert_eq!(
+            common::attr_str(&span, key).as_deref(),
+            Some(want),
+            "span attribute {key}: {span:?}"
+        );
+    }
+    assert!(
+        common::attr_str(&span, "reason").is_some_and(|r| r.contains("amount")),
+        "{span:?}"
+    );
+    assert!(common::attr_str(&span, "latency_us").is_some(), "{span:?}");
+}
+
+#[test]
+fn python_urllib_and_http_client_work_unmodified() {
+    let w = world();
+    let ca = w.node_ca().to_string_lossy().into_owned();
+    let script = r#"
+import json, urllib.request, http.client, ssl
+req = urllib.request.Request("https://api.stripe.com/v1/payment_intents", data=b'{"amount": 10}',
+                             headers={"Content-Type": "application/json"}, method="POST")
+print(json.load(urllib.request.urlopen(req, timeout=10))["body"])
+conn = http.client.HTTPSConnection("api.stripe.com", timeout=10, context=ssl.create_default_context())
+conn.request("POST", "/v1/payment_intents", body='{"amount": 9000}', headers={"Content-Type": "application/json"})
+r = conn.getresponse()
+print(r.status, json.loads(r.read())["error"])
+"#;
+    let python = w.python().to_string_lossy().into_owned();
+    let cert_env = format!("SSL_CERT_FILE={ca}");
+    let out = w.pod_exec(1, FINANCE, &["env", &cert_env, &python, "-c", script]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        w.diagnostics()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [r#"{"amount": 10}"#, "403 policy_violation"],
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_policy_reload_mid_traffic_loses_no_request() {
+    let w = world();
+    let ca = w.node_ca().to_string_lossy().into_owned();
+    // 60 sequential calls, each on a new connection, while the policy is rewritten and reloaded.
+    let script = r#"
+import json, ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+ok = failed = 0
+for i in range(60):
+    req = urllib.request.Request("https://api.stripe.com/v1/payment_intents", data=json.dumps({"amount": i}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        body = json.load(urllib.request.urlopen(req, timeout=10, context=ctx))
+        ok += body["body"] == json.dumps({"amount": i})
+    except Exception as e:
+        failed += 1
+        print("failed", i, e, file=sys.stderr)
+print(ok, failed)
+"#;
+    let python = w.python().to_string_lossy().into_owned();
+    let child = w.pod_spawn(1, FINANCE, &[python.as_str(), "-c", script, ca.as_str()]);
+    for version in 6..9 {
+        std::thread::sleep(Duration::from_millis(300));
+        w.write_policy(
+            "finance.yaml",
+            &FINANCE_POLICY.replace("version: 5", &format!("version: {version}")),
+        );
+        w.reload_policy();
+    }
+    let out = child.wait_with_output().expect("client");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "60 0",
+        "{}\n{}",
+        describe(&out),
+        w.diagnostics()
+    );
+    // The reloads happened while the client ran: decisions carry more than one version.
+    let versions: std::collections::BTreeSet<u64> = w
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "l7_decision")
+        .filter_map(|e| e["policy_version"].as_u64())
+        .collect();
+    assert!(
+        versions.len() > 1,
+        "decisions under one policy version only: {versions:?}"
     );
 }

@@ -1,102 +1,18 @@
 //! Deny events reach an OpenTelemetry collector: the agent exports each kernel deny as a span
 //! over OTLP/gRPC to a receiver this test runs inside the world's node namespace.
 
+mod common;
+
 use std::{
-    fs::File,
     net::{Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd as _,
-    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
+use common::{OTLP_PORT, attr_str, spawn_receiver};
+
 use aegis_tests::world::{HttpServer, NODE_UPLINK_V4, World, describe};
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    },
-    common::v1::any_value::Value as AnyValue,
-    trace::v1::Span,
-};
 
-const OTLP_PORT: u16 = 4317;
 const EVIL: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
-
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            for ss in rs.scope_spans {
-                spans.extend(ss.spans);
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// Serves OTLP on `addr` inside network namespace `ns` (the thread joins it before binding).
-fn spawn_receiver(ns: &str, addr: SocketAddr) -> Receiver {
-    let receiver = Receiver::default();
-    let served = receiver.clone();
-    let netns = File::open(format!("/run/netns/{ns}")).expect("open netns");
-    let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // SAFETY: a valid namespace fd; setns only changes this thread's network namespace.
-        assert_eq!(
-            unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .expect("bind OTLP receiver");
-            ready_tx.send(()).unwrap();
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(served))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .expect("OTLP receiver");
-        });
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("receiver did not start");
-    receiver
-}
-
-fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a AnyValue> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)?
-        .value
-        .as_ref()?
-        .value
-        .as_ref()
-}
-
-fn attr_str(span: &Span, key: &str) -> Option<String> {
-    match attr(span, key)? {
-        AnyValue::StringValue(s) => Some(s.clone()),
-        AnyValue::IntValue(i) => Some(i.to_string()),
-        other => Some(format!("{other:?}")),
-    }
-}
 
 #[test]
 fn kernel_denies_are_exported_as_otlp_spans() {
@@ -166,6 +82,20 @@ fn kernel_denies_are_exported_as_otlp_spans() {
             Some(want),
             "span attribute {key}: {span:?}"
         );
+    }
+    // The same denial is in the audit log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !world
+        .audit_records()
+        .iter()
+        .any(|r| r["kind"] == "egress_denied" && r["dst"] == "198.18.1.20")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no egress_denied audit record: {:?}",
+            world.audit_records()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
         span.events.iter().any(|e| e.name.contains("egress denied")),

@@ -32,8 +32,13 @@ const TOOLS: &[(&str, &str)] = &[
     ("dnsperf", "dnsperf"),
     ("wrk", "wrk"),
     ("h2load", "nghttp2-client"),
+    ("nginx", "nginx"),
     ("nsenter", "util-linux"),
 ];
+
+/// Debian's policy hook for maintainer scripts: while it exits 101, installing a package never
+/// starts its system service (nginx's). The benches run their own nginx instances only.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 /// What happened to one prerequisite.
 enum Status {
@@ -144,16 +149,16 @@ fn tools(root: bool, apt: bool) -> Vec<(&'static str, Status)> {
         .collect();
     let packages: Vec<_> = absent.iter().map(|(_, package)| *package).collect();
     let install = format!("apt-get install -y {}", packages.join(" "));
-    let attempted = !absent.is_empty()
-        && root
-        && apt
-        && attempt(Command::new("apt-get").arg("update"))
-        && attempt(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&packages)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        );
+    let attempted =
+        !absent.is_empty() && root && apt && attempt(Command::new("apt-get").arg("update")) && {
+            let _no_starts = NoServiceStarts::install();
+            attempt(
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends"])
+                    .args(&packages)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+        };
     TOOLS
         .iter()
         .map(|&(bin, package)| {
@@ -174,6 +179,40 @@ fn tools(root: bool, apt: bool) -> Vec<(&'static str, Status)> {
             (bin, status)
         })
         .collect()
+}
+
+/// A [`POLICY_RC_D`] that forbids service starts, written for the duration of an install when
+/// the machine has none (an existing one is left alone), removed on drop.
+struct NoServiceStarts {
+    written: bool,
+}
+
+impl NoServiceStarts {
+    fn install() -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Self { written: false };
+        }
+        let written = fs::write(
+            path,
+            "#!/bin/sh\n# written by cargo xtask setup\nexit 101\n",
+        )
+        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o755)))
+        .inspect_err(|e| eprintln!("writing {POLICY_RC_D}: {e}"))
+        .is_ok();
+        Self { written }
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.written
+            && let Err(e) = fs::remove_file(POLICY_RC_D)
+        {
+            eprintln!("removing {POLICY_RC_D}: {e}");
+        }
+    }
 }
 
 /// rustfmt and clippy for the toolchain running `cargo xtask` (used by `cargo xtask test`).
