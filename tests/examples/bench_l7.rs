@@ -1,0 +1,596 @@
+//! `cargo xtask bench-l7`: the L7 enforcer's throughput and latency against a direct call and
+//! against an nginx TLS-terminating, re-originating proxy, all measured in the same run and
+//! printed as a Markdown report (ratios included).
+//!
+//! The upstream is nginx in the inet namespace (`api.bench.test`, certificate from the world's
+//! test CA, one worker per core, keep-alive) answering every request with `{"ok":true}`. Every
+//! client runs in pod 1 and takes one of three paths to it:
+//!
+//! 1. direct: a plain process, TLS straight to the upstream;
+//! 2. nginx proxy: a plain process, TLS to nginx on the node (pod 1's gateway address, same
+//!    certificate, `proxy_ssl_verify on` against the test CA, upstream keep-alive 32,
+//!    `worker_processes auto`), which re-originates TLS to the upstream;
+//! 3. Aegis: an agent workload (`aegis-agent exec`) whose policy marks `api.bench.test`
+//!    `inspect: true`; the kernel redirects its connections to the enforcer, which terminates
+//!    TLS with the node CA, decides by policy and re-originates TLS to the upstream.
+//!
+//! Two requests: `GET /bench` (an allowed read) and `POST /v1/chat/completions` with a small
+//! JSON body that passes a parameter constraint (enum, range) and is sanitized by DLP (it holds
+//! an e-mail address, which the enforcer redacts; nginx and direct forward it unchanged).
+//!
+//! Saturation: `wrk -t2 -c32 --latency` (HTTP/1.1 keep-alive) and `h2load -t2 -c32 -m10`
+//! (HTTP/2); percentiles from wrk's own distribution and from h2load's per-request log. Fixed
+//! rate: `h2load --rps` (10 connections × 100 requests/s = 1,000 requests/s), over HTTP/1.1
+//! (`--h1`) and HTTP/2, percentiles from the per-request log. CPU: user+system time of the
+//! enforcer (the agent process) and of the nginx proxy's processes during each run.
+//!
+//! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_BENCH_SECONDS` (length of each run,
+//! default 10), `AEGIS_BENCH_DECISION` (the decision-latency measurement's output, printed as
+//! is; `cargo xtask bench-l7` fills it).
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aegis_tests::world::{DnsRecord, World, describe, pod_gateway_v4};
+
+const UPSTREAM: &str = "api.bench.test";
+const UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
+const AGENT: Option<(&str, Option<&str>)> = Some(("bench", None));
+const FIXED_CLIENTS: u32 = 10;
+const FIXED_RPS_PER_CLIENT: u32 = 100;
+
+const POLICY: &str = r#"
+agent: bench
+version: 1
+egress:
+  - fqdn: api.bench.test
+    ports: [443]
+    inspect: true
+tools:
+  - name: bench-api
+    host: api.bench.test
+    actions:
+      - name: read
+        method: GET
+        path: /bench
+      - name: chat
+        method: POST
+        path: /v1/chat/completions
+        decision: sanitize
+        sanitize: [email, phone, ssn, card, api_key]
+        params:
+          model: { required: true, enum: [gpt-4o-mini] }
+          max_tokens: { min: 1, max: 4096 }
+"#;
+
+const POST_BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":256,"messages":[{"role":"user","content":"Summarise ticket 4711 from jane@example.com: the invoice total looks wrong"}]}"#;
+
+fn main() {
+    let seconds: u32 = std::env::var("AEGIS_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let mut world = World::builder()
+        .pods(1)
+        .min_ttl(300)
+        .record(DnsRecord::new(UPSTREAM, Some(UPSTREAM_V4), None, 300))
+        .policy("bench.yaml", POLICY)
+        .build();
+    let dir = world.dir().to_path_buf();
+    let (cert, key) = world.server_cert(UPSTREAM);
+    let proxy_v4 = pod_gateway_v4(1);
+    ok(&world.inet_exec(&["ip", "addr", "add", &format!("{UPSTREAM_V4}/32"), "dev", "lo"]));
+
+    // === nginx: upstream (inet) and proxy (node) ===
+    let upstream_conf = nginx_conf(
+        &dir,
+        "upstream",
+        &format!(
+            "server {{\n  listen {UPSTREAM_V4}:443 ssl http2;\n  {tls}\n  location / {{\n    default_type application/json;\n    return 200 '{{\"ok\":true}}';\n  }}\n}}\n",
+            tls = tls_directives(&cert, &key),
+        ),
+    );
+    let proxy_conf = nginx_conf(
+        &dir,
+        "proxy",
+        &format!(
+            "upstream bench_upstream {{\n  server {UPSTREAM_V4}:443;\n  keepalive 32;\n  keepalive_requests 1000000;\n}}\n\
+             server {{\n  listen {proxy_v4}:443 ssl http2;\n  {tls}\n  location / {{\n    proxy_pass https://bench_upstream;\n    proxy_http_version 1.1;\n    proxy_set_header Connection \"\";\n    proxy_set_header Host {UPSTREAM};\n    proxy_ssl_server_name on;\n    proxy_ssl_name {UPSTREAM};\n    proxy_ssl_verify on;\n    proxy_ssl_trusted_certificate {ca};\n    proxy_ssl_session_reuse on;\n  }}\n}}\n",
+            tls = tls_directives(&cert, &key),
+            ca = world.test_ca().display(),
+        ),
+    );
+    let (inet, node) = (world.inet_ns(), world.node_ns());
+    for (ns, name, conf) in [
+        (&inet, "nginx-upstream", &upstream_conf),
+        (&node, "nginx-proxy", &proxy_conf),
+    ] {
+        let conf = conf.to_string_lossy().into_owned();
+        let prefix = dir.to_string_lossy().into_owned();
+        world.spawn_service(
+            ns,
+            name,
+            &["nginx", "-p", &prefix, "-c", &conf, "-e", "stderr", "-g", "daemon off;"],
+        );
+    }
+    world.start_agent();
+
+    // Every path answers before anything is measured (and the proxy verifies the upstream).
+    let test_ca = world.test_ca().to_string_lossy().into_owned();
+    let node_ca = world.node_ca().to_string_lossy().into_owned();
+    let url = format!("https://{UPSTREAM}/bench");
+    let resolve = format!("{UPSTREAM}:443:{proxy_v4}");
+    let ready = |agent, ca: &str, extra: &[&str]| {
+        aegis_tests::world::wait_until(std::time::Duration::from_secs(10), || {
+            let mut argv = vec!["curl", "-sS", "-m", "2", "--cacert", ca];
+            argv.extend_from_slice(extra);
+            argv.push(&url);
+            let out = world.pod_exec(1, agent, &argv);
+            out.status.success() && String::from_utf8_lossy(&out.stdout) == r#"{"ok":true}"#
+        })
+    };
+    assert!(ready(None, &test_ca, &[]), "upstream nginx not answering\n{}", logs(&dir));
+    assert!(
+        ready(None, &test_ca, &["--resolve", &resolve]),
+        "nginx proxy not answering\n{}",
+        logs(&dir)
+    );
+    assert!(ready(AGENT, &node_ca, &[]), "enforcer not answering\n{}", world.diagnostics());
+
+    let body = dir.join("body.json");
+    fs::write(&body, POST_BODY).expect("write body.json");
+    let lua = dir.join("post.lua");
+    fs::write(
+        &lua,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{POST_BODY}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        ),
+    )
+    .expect("write post.lua");
+
+    println!("# Aegis L7 benchmark\n");
+    println!(
+        "machine: {} cores, kernel {}; {}",
+        num_cpus(),
+        uname_r(),
+        first_line("nginx", &["-v"])
+    );
+    println!("agent: {}", world.agent_bin().display());
+    println!(
+        "client, upstream, proxy and enforcer share the machine's cores; {seconds} s per run, one run each\n"
+    );
+
+    let proxy_host = proxy_v4.to_string();
+    let paths = [
+        Route {
+            label: "direct to the upstream",
+            agent: None,
+            host: UPSTREAM,
+            cpu: None,
+        },
+        Route {
+            label: "nginx TLS proxy on the node",
+            agent: None,
+            host: &proxy_host,
+            cpu: Some((node.as_str(), "nginx")),
+        },
+        Route {
+            label: "Aegis enforcer (agent workload, redirected in-kernel)",
+            agent: AGENT,
+            host: UPSTREAM,
+            cpu: Some((node.as_str(), "aegis-agent")),
+        },
+    ];
+    let requests = [
+        Req {
+            label: "GET /bench",
+            path: "/bench",
+            post: false,
+        },
+        Req {
+            label: "POST /v1/chat/completions (constraint + DLP sanitize)",
+            path: "/v1/chat/completions",
+            post: true,
+        },
+    ];
+    let bench = Bench {
+        world: &world,
+        dir: &dir,
+        seconds,
+        body: body.to_string_lossy().into_owned(),
+        lua: lua.to_string_lossy().into_owned(),
+    };
+    // Warm-up (discarded): DNS learned, connections, caches.
+    for p in &paths {
+        for r in &requests {
+            bench.h2load(p, r, &["-c", "4", "-m", "1", "-D", "2"], "warmup");
+        }
+    }
+
+    // === saturation ===
+    for tool in [Tool::Wrk, Tool::H2load] {
+        println!("## {}\n", tool.title(seconds));
+        println!(
+            "| path | request | requests/s | p50 ms | p99 ms | errors | CPU µs/request (proxy) | ratio to direct |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        let mut ratios = Vec::new();
+        for r in &requests {
+            let rows: Vec<Run> = paths.iter().map(|p| bench.saturate(tool, p, r)).collect();
+            for (p, run) in paths.iter().zip(&rows) {
+                println!(
+                    "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {:.2} |",
+                    p.label,
+                    r.label,
+                    run.rps,
+                    run.p50_us / 1000.0,
+                    run.p99_us / 1000.0,
+                    run.errors,
+                    run.cpu_us_per_req
+                        .map_or_else(|| "–".to_owned(), |c| format!("{c:.0}")),
+                    run.rps / rows[0].rps.max(1.0)
+                );
+            }
+            ratios.push((r.label, rows[2].rps / rows[1].rps.max(1.0), rows[2].rps / rows[0].rps.max(1.0)));
+        }
+        println!();
+        for (label, vs_proxy, vs_direct) in ratios {
+            println!(
+                "**{label}: enforcer/nginx-proxy {vs_proxy:.2}, enforcer/direct {vs_direct:.2}**  "
+            );
+        }
+        println!();
+    }
+
+    // === fixed rate ===
+    let rate = FIXED_CLIENTS * FIXED_RPS_PER_CLIENT;
+    for (proto, extra) in [("HTTP/1.1", &["--h1"][..]), ("HTTP/2", &[][..])] {
+        println!(
+            "## {proto} at a fixed rate: {rate} requests/s ({FIXED_CLIENTS} connections × {FIXED_RPS_PER_CLIENT}/s, h2load --rps), {seconds} s\n"
+        );
+        println!("| path | request | requests/s | p50 ms | p99 ms | errors | added p99 over direct ms |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in &requests {
+            let mut direct_p99 = f64::NAN;
+            for (i, p) in paths.iter().enumerate() {
+                let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+                args.extend(
+                    [
+                        "-c".into(),
+                        FIXED_CLIENTS.to_string(),
+                        "-m".into(),
+                        "1".into(),
+                        format!("--rps={FIXED_RPS_PER_CLIENT}"),
+                        "-D".into(),
+                        seconds.to_string(),
+                    ],
+                );
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let run = bench.h2load(p, r, &args, "fixed");
+                if i == 0 {
+                    direct_p99 = run.p99_us;
+                }
+                println!(
+                    "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {:+.2} |",
+                    p.label,
+                    r.label,
+                    run.rps,
+                    run.p50_us / 1000.0,
+                    run.p99_us / 1000.0,
+                    run.errors,
+                    (run.p99_us - direct_p99) / 1000.0
+                );
+            }
+        }
+        println!();
+    }
+
+    // === decision ===
+    println!("## Policy decision alone (regorus)\n");
+    match std::env::var("AEGIS_BENCH_DECISION") {
+        Ok(text) if !text.trim().is_empty() => {
+            println!("From aegis-agent's `decision_latency` measurement (10,000 decisions each):\n");
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                println!("- {}", line.trim());
+            }
+        }
+        _ => println!("not measured (run through `cargo xtask bench-l7`)"),
+    }
+    println!();
+
+    // === health ===
+    let audit = world.audit_records().len();
+    let agent_up = world.agent_running();
+    let panics = world.agent_log().lines().filter(|l| l.contains("panicked")).count();
+    println!(
+        "agent still running: {agent_up}; panics in its log: {panics}; audit records written: {audit}"
+    );
+    if !agent_up || panics > 0 {
+        println!("\n```\n{}\n```", world.diagnostics());
+    }
+}
+
+/// One way from the pod to the upstream.
+struct Route<'a> {
+    label: &'a str,
+    agent: Option<(&'a str, Option<&'a str>)>,
+    /// Host the client connects to (the URL's host; the Host/`:authority` is always the upstream's).
+    host: &'a str,
+    /// Processes whose CPU time is charged to the path: (namespace, comm).
+    cpu: Option<(&'a str, &'a str)>,
+}
+
+struct Req<'a> {
+    label: &'a str,
+    path: &'a str,
+    post: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Tool {
+    Wrk,
+    H2load,
+}
+
+impl Tool {
+    fn title(self, seconds: u32) -> String {
+        match self {
+            Self::Wrk => format!(
+                "HTTP/1.1 keep-alive at saturation: wrk -t2 -c32 -d{seconds}s --latency"
+            ),
+            Self::H2load => format!(
+                "HTTP/2 at saturation: h2load -t2 -c32 -m10 -D {seconds} (percentiles from --log-file)"
+            ),
+        }
+    }
+}
+
+/// What one run measured.
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    cpu_us_per_req: Option<f64>,
+}
+
+struct Bench<'a> {
+    world: &'a World,
+    dir: &'a Path,
+    seconds: u32,
+    body: String,
+    lua: String,
+}
+
+impl Bench<'_> {
+    fn saturate(&self, tool: Tool, p: &Route, r: &Req) -> Run {
+        let cpu0 = p.cpu.map(|(ns, comm)| ns_cpu_seconds(ns, comm));
+        let mut run = match tool {
+            Tool::Wrk => self.wrk(p, r),
+            Tool::H2load => self.h2load(
+                p,
+                r,
+                &["-t", "2", "-c", "32", "-m", "10", "-D", &self.seconds.to_string()],
+                "sat",
+            ),
+        };
+        if let (Some(c0), Some((ns, comm))) = (cpu0, p.cpu) {
+            let used = ns_cpu_seconds(ns, comm) - c0;
+            let requests = run.rps * f64::from(self.seconds);
+            run.cpu_us_per_req = Some(used * 1e6 / requests.max(1.0));
+        }
+        run
+    }
+
+    fn wrk(&self, p: &Route, r: &Req) -> Run {
+        let url = format!("https://{}{}", p.host, r.path);
+        let host = format!("Host: {UPSTREAM}");
+        let duration = format!("{}s", self.seconds);
+        let mut argv = vec!["wrk", "-t2", "-c32", "-d", &duration, "--latency", "-H", &host];
+        if r.post {
+            argv.extend(["-s", &self.lua]);
+        }
+        argv.push(&url);
+        let out = self.world.pod_exec(1, p.agent, &argv);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "wrk failed: {}", describe(&out));
+        let pct = |key: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .and_then(|v| duration_us(v.trim()))
+                .unwrap_or(f64::NAN)
+        };
+        let errors = field_u64(&text, "Non-2xx or 3xx responses:")
+            + text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+                .map_or(0, |s| {
+                    s.split(',')
+                        .filter_map(|kv| kv.split_whitespace().last()?.parse::<u64>().ok())
+                        .sum()
+                });
+        Run {
+            rps: field(&text, "Requests/sec:").and_then(|s| s.parse().ok()).unwrap_or(0.0),
+            p50_us: pct("50%"),
+            p99_us: pct("99%"),
+            errors,
+            cpu_us_per_req: None,
+        }
+    }
+
+    /// `h2load` with `args`; requests/s from its summary, percentiles from its per-request log.
+    fn h2load(&self, p: &Route, r: &Req, args: &[&str], tag: &str) -> Run {
+        let log = self.dir.join(format!("h2load-{tag}.log"));
+        let _ = fs::remove_file(&log);
+        let url = format!("https://{UPSTREAM}{}", r.path);
+        let connect_to = format!("--connect-to={}:443", p.host);
+        let log_arg = format!("--log-file={}", log.display());
+        let mut argv: Vec<&str> = vec!["h2load", &log_arg];
+        if p.host != UPSTREAM {
+            argv.push(&connect_to);
+        }
+        if r.post {
+            argv.extend(["-d", &self.body, "-H", "content-type: application/json"]);
+        }
+        argv.extend_from_slice(args);
+        argv.push(&url);
+        let out = self.world.pod_exec(1, p.agent, &argv);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "h2load failed: {}", describe(&out));
+        let rps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("finished in "))
+            .and_then(|l| l.split(", ").nth(1))
+            .and_then(|s| s.strip_suffix(" req/s"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        let requests = text
+            .lines()
+            .find_map(|l| l.strip_prefix("requests: "))
+            .unwrap_or_default();
+        let count = |what: &str| -> u64 {
+            requests
+                .split(", ")
+                .find_map(|kv| kv.strip_suffix(what)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let non_2xx: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("status codes: "))
+            .map_or(0, |s| {
+                s.split(", ")
+                    .filter(|kv| !kv.ends_with("2xx"))
+                    .filter_map(|kv| kv.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum()
+            });
+        let mut lat: Vec<f64> = fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+            .collect();
+        Run {
+            rps,
+            p50_us: percentile(&mut lat, 0.50),
+            p99_us: percentile(&mut lat, 0.99),
+            errors: count(" failed") + count(" errored") + count(" timeout") + non_2xx,
+            cpu_us_per_req: None,
+        }
+    }
+}
+
+/// Writes `<dir>/nginx-<name>.conf`: one worker per core, keep-alive, no access log, temp
+/// paths and pid file in `dir`, with `server` (and upstream) blocks inside `http`.
+fn nginx_conf(dir: &Path, name: &str, servers: &str) -> PathBuf {
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes auto;\nuser root;\npid {d}/nginx-{name}.pid;\nerror_log stderr warn;\n\
+         events {{\n  worker_connections 4096;\n}}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 120s;\n\
+         client_body_temp_path {d}/nginx-{name}-body;\n  proxy_temp_path {d}/nginx-{name}-proxy;\n\
+         fastcgi_temp_path {d}/nginx-{name}-fastcgi;\n  uwsgi_temp_path {d}/nginx-{name}-uwsgi;\n\
+         scgi_temp_path {d}/nginx-{name}-scgi;\n{servers}}}\n"
+    );
+    let path = dir.join(format!("nginx-{name}.conf"));
+    fs::write(&path, conf).expect("write nginx config");
+    path
+}
+
+fn tls_directives(cert: &Path, key: &Path) -> String {
+    format!(
+        "ssl_certificate {};\n  ssl_certificate_key {};\n  ssl_session_cache shared:SSL:1m;",
+        cert.display(),
+        key.display()
+    )
+}
+
+fn logs(dir: &Path) -> String {
+    ["nginx-upstream.log", "nginx-proxy.log"]
+        .map(|f| format!("{f}:\n{}", fs::read_to_string(dir.join(f)).unwrap_or_default()))
+        .join("\n")
+}
+
+fn ok(out: &std::process::Output) {
+    assert!(out.status.success(), "{}", describe(out));
+}
+
+/// User + system CPU seconds of the processes named `comm` in network namespace `ns`.
+fn ns_cpu_seconds(ns: &str, comm: &str) -> f64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .expect("ip netns pids");
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After comm: state is field 3; utime and stime are fields 14 and 15.
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        / tck
+}
+
+/// wrk's durations: `812.00us`, `1.23ms`, `1.02s`, `2.00m`.
+fn duration_us(s: &str) -> Option<f64> {
+    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        _ => return None,
+    })
+}
+
+fn field(out: &str, key: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(|rest| rest.split_whitespace().next().unwrap_or_default().to_owned())
+}
+
+fn field_u64(out: &str, key: &str) -> u64 {
+    field(out, key).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let mut t = String::from_utf8_lossy(&o.stdout).into_owned();
+            t.push_str(&String::from_utf8_lossy(&o.stderr));
+            t.lines().next().unwrap_or_default().trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn uname_r() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
