@@ -453,6 +453,14 @@ fn inspect(
         None => orig,
     };
     if sa.type_ != SOCK_STREAM {
+        if hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6 {
+            // A UDP connect() sends nothing; glibc's getaddrinfo makes one per candidate
+            // address to sort them (RFC 6724), so reporting it would flood the SOC with
+            // non-events. Refusing it still stops connected-UDP QUIC (its sends would not pass
+            // sendmsg); unconnected sends are refused and reported below.
+            let shadow = c.ident.flags & IDENTITY_F_SHADOW != 0;
+            return Err(if shadow { ALLOW } else { DENY });
+        }
         return Err(decide(
             ctx,
             c,

@@ -81,7 +81,14 @@ fn main() {
     let dir = world.dir().to_path_buf();
     let (cert, key) = world.server_cert(UPSTREAM);
     let proxy_v4 = pod_gateway_v4(1);
-    ok(&world.inet_exec(&["ip", "addr", "add", &format!("{UPSTREAM_V4}/32"), "dev", "lo"]));
+    ok(&world.inet_exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{UPSTREAM_V4}/32"),
+        "dev",
+        "lo",
+    ]));
 
     // === nginx: upstream (inet) and proxy (node) ===
     let upstream_conf = nginx_conf(
@@ -112,7 +119,17 @@ fn main() {
         world.spawn_service(
             ns,
             name,
-            &["nginx", "-p", &prefix, "-c", &conf, "-e", "stderr", "-g", "daemon off;"],
+            &[
+                "nginx",
+                "-p",
+                &prefix,
+                "-c",
+                &conf,
+                "-e",
+                "stderr",
+                "-g",
+                "daemon off;",
+            ],
         );
     }
     world.start_agent();
@@ -131,13 +148,21 @@ fn main() {
             out.status.success() && String::from_utf8_lossy(&out.stdout) == r#"{"ok":true}"#
         })
     };
-    assert!(ready(None, &test_ca, &[]), "upstream nginx not answering\n{}", logs(&dir));
+    assert!(
+        ready(None, &test_ca, &[]),
+        "upstream nginx not answering\n{}",
+        logs(&dir)
+    );
     assert!(
         ready(None, &test_ca, &["--resolve", &resolve]),
         "nginx proxy not answering\n{}",
         logs(&dir)
     );
-    assert!(ready(AGENT, &node_ca, &[]), "enforcer not answering\n{}", world.diagnostics());
+    assert!(
+        ready(AGENT, &node_ca, &[]),
+        "enforcer not answering\n{}",
+        world.diagnostics()
+    );
 
     let body = dir.join("body.json");
     fs::write(&body, POST_BODY).expect("write body.json");
@@ -233,7 +258,11 @@ fn main() {
                     run.rps / rows[0].rps.max(1.0)
                 );
             }
-            ratios.push((r.label, rows[2].rps / rows[1].rps.max(1.0), rows[2].rps / rows[0].rps.max(1.0)));
+            ratios.push((
+                r.label,
+                rows[2].rps / rows[1].rps.max(1.0),
+                rows[2].rps / rows[0].rps.max(1.0),
+            ));
         }
         println!();
         for (label, vs_proxy, vs_direct) in ratios {
@@ -250,23 +279,23 @@ fn main() {
         println!(
             "## {proto} at a fixed rate: {rate} requests/s ({FIXED_CLIENTS} connections × {FIXED_RPS_PER_CLIENT}/s, h2load --rps), {seconds} s\n"
         );
-        println!("| path | request | requests/s | p50 ms | p99 ms | errors | added p99 over direct ms |");
+        println!(
+            "| path | request | requests/s | p50 ms | p99 ms | errors | added p99 over direct ms |"
+        );
         println!("|---|---|---|---|---|---|---|");
         for r in &requests {
             let mut direct_p99 = f64::NAN;
             for (i, p) in paths.iter().enumerate() {
                 let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-                args.extend(
-                    [
-                        "-c".into(),
-                        FIXED_CLIENTS.to_string(),
-                        "-m".into(),
-                        "1".into(),
-                        format!("--rps={FIXED_RPS_PER_CLIENT}"),
-                        "-D".into(),
-                        seconds.to_string(),
-                    ],
-                );
+                args.extend([
+                    "-c".into(),
+                    FIXED_CLIENTS.to_string(),
+                    "-m".into(),
+                    "1".into(),
+                    format!("--rps={FIXED_RPS_PER_CLIENT}"),
+                    "-D".into(),
+                    seconds.to_string(),
+                ]);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let run = bench.h2load(p, r, &args, "fixed");
                 if i == 0 {
@@ -291,7 +320,9 @@ fn main() {
     println!("## Policy decision alone (regorus)\n");
     match std::env::var("AEGIS_BENCH_DECISION") {
         Ok(text) if !text.trim().is_empty() => {
-            println!("From aegis-agent's `decision_latency` measurement (10,000 decisions each):\n");
+            println!(
+                "From aegis-agent's `decision_latency` measurement (10,000 decisions each):\n"
+            );
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 println!("- {}", line.trim());
             }
@@ -303,7 +334,11 @@ fn main() {
     // === health ===
     let audit = world.audit_records().len();
     let agent_up = world.agent_running();
-    let panics = world.agent_log().lines().filter(|l| l.contains("panicked")).count();
+    let panics = world
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("panicked"))
+        .count();
     println!(
         "agent still running: {agent_up}; panics in its log: {panics}; audit records written: {audit}"
     );
@@ -337,9 +372,9 @@ enum Tool {
 impl Tool {
     fn title(self, seconds: u32) -> String {
         match self {
-            Self::Wrk => format!(
-                "HTTP/1.1 keep-alive at saturation: wrk -t2 -c32 -d{seconds}s --latency"
-            ),
+            Self::Wrk => {
+                format!("HTTP/1.1 keep-alive at saturation: wrk -t2 -c32 -d{seconds}s --latency")
+            }
             Self::H2load => format!(
                 "HTTP/2 at saturation: h2load -t2 -c32 -m10 -D {seconds} (percentiles from --log-file)"
             ),
@@ -372,7 +407,16 @@ impl Bench<'_> {
             Tool::H2load => self.h2load(
                 p,
                 r,
-                &["-t", "2", "-c", "32", "-m", "10", "-D", &self.seconds.to_string()],
+                &[
+                    "-t",
+                    "2",
+                    "-c",
+                    "32",
+                    "-m",
+                    "10",
+                    "-D",
+                    &self.seconds.to_string(),
+                ],
                 "sat",
             ),
         };
@@ -388,7 +432,16 @@ impl Bench<'_> {
         let url = format!("https://{}{}", p.host, r.path);
         let host = format!("Host: {UPSTREAM}");
         let duration = format!("{}s", self.seconds);
-        let mut argv = vec!["wrk", "-t2", "-c32", "-d", &duration, "--latency", "-H", &host];
+        let mut argv = vec![
+            "wrk",
+            "-t2",
+            "-c32",
+            "-d",
+            &duration,
+            "--latency",
+            "-H",
+            &host,
+        ];
         if r.post {
             argv.extend(["-s", &self.lua]);
         }
@@ -412,7 +465,9 @@ impl Bench<'_> {
                         .sum()
                 });
         Run {
-            rps: field(&text, "Requests/sec:").and_then(|s| s.parse().ok()).unwrap_or(0.0),
+            rps: field(&text, "Requests/sec:")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0),
             p50_us: pct("50%"),
             p99_us: pct("99%"),
             errors,
@@ -507,7 +562,12 @@ fn tls_directives(cert: &Path, key: &Path) -> String {
 
 fn logs(dir: &Path) -> String {
     ["nginx-upstream.log", "nginx-proxy.log"]
-        .map(|f| format!("{f}:\n{}", fs::read_to_string(dir.join(f)).unwrap_or_default()))
+        .map(|f| {
+            format!(
+                "{f}:\n{}",
+                fs::read_to_string(dir.join(f)).unwrap_or_default()
+            )
+        })
         .join("\n")
 }
 
@@ -556,7 +616,12 @@ fn duration_us(s: &str) -> Option<f64> {
 fn field(out: &str, key: &str) -> Option<String> {
     out.lines()
         .find_map(|l| l.trim().strip_prefix(key))
-        .map(|rest| rest.split_whitespace().next().unwrap_or_default().to_owned())
+        .map(|rest| {
+            rest.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
 }
 
 fn field_u64(out: &str, key: &str) -> u64 {

@@ -61,16 +61,56 @@ fn main() -> ExitCode {
         policy_dir.display()
     );
     println!(
-        "   finance-agent may reach: api.stripe.com:443, *.slack.com:443 (policies/finance-agent.yaml)"
+        "   finance-agent may reach api.stripe.com:443 and *.slack.com:443, both inspected (policies/finance-agent.yaml)"
     );
 
     let mut ok = true;
-    let stripe_ca = world.test_ca().to_string_lossy().into_owned();
-    let slack_ca = world.test_ca().to_string_lossy().into_owned();
+    // Inspected domains are answered by the L7 enforcer with the node CA; others by the
+    // servers themselves, whose certificates the world's test CA signs.
+    let node_ca = world.node_ca().to_string_lossy().into_owned();
     let evil_ca = world.test_ca().to_string_lossy().into_owned();
     let evil_pin = format!("evil.example:443:{EVIL}");
+    let json = ["-H", "content-type: application/json"];
+    let pay = |body: &str| -> Vec<String> {
+        [
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "-w",
+            "\n(HTTP %{http_code})",
+            "--cacert",
+            &node_ca,
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .chain(json.iter().map(ToString::to_string))
+        .chain(
+            ["-d", body, "https://api.stripe.com/v1/payment_intents"]
+                .iter()
+                .map(ToString::to_string),
+        )
+        .collect()
+    };
 
-    step("1. finance-agent: curl https://api.stripe.com/ (allowlisted)");
+    step(
+        "1. finance-agent pays 1,200 USD: POST https://api.stripe.com/v1/payment_intents (within its limit)",
+    );
+    println!(
+        "   the kernel redirects the TLS connection to the L7 enforcer, which decides and forwards"
+    );
+    let out = world.pod_exec(1, FINANCE, &pay(r#"{"amount":1200,"currency":"usd"}"#));
+    ok &= expect(&out, true, "(HTTP 200)");
+
+    step("2. finance-agent pays 50,000 USD (over 5,000: a human must approve)");
+    let out = world.pod_exec(1, FINANCE, &pay(r#"{"amount":50000,"currency":"usd"}"#));
+    ok &= expect(&out, true, "approval_needed");
+
+    step("3. finance-agent pays 500,000 USD (over the 100,000 maximum: refused)");
+    let out = world.pod_exec(1, FINANCE, &pay(r#"{"amount":500000,"currency":"usd"}"#));
+    ok &= expect(&out, true, "policy_violation");
+
+    step("4. finance-agent posts a receipt with an SSN and an email to Slack (sanitized)");
     let out = world.pod_exec(
         1,
         FINANCE,
@@ -80,46 +120,17 @@ fn main() -> ExitCode {
             "-m",
             "10",
             "--cacert",
-            &stripe_ca,
-            "https://api.stripe.com/",
+            &node_ca,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"text":"refund for 123-45-6789, jane@example.com"}"#,
+            "https://hooks.slack.com/services/T1/B2",
         ],
     );
-    ok &= expect(&out, true, "hello from api.stripe.com");
+    ok &= expect(&out, true, "[REDACTED:SSN]");
 
-    step("2. finance-agent: curl -6 https://api.stripe.com/ (allowlisted, over IPv6)");
-    let out = world.pod_exec(
-        1,
-        FINANCE,
-        &[
-            "curl",
-            "-6",
-            "-sS",
-            "-m",
-            "10",
-            "--cacert",
-            &stripe_ca,
-            "https://api.stripe.com/",
-        ],
-    );
-    ok &= expect(&out, true, "hello from api.stripe.com");
-
-    step("3. finance-agent: curl https://hooks.slack.com/ (allowlisted by *.slack.com)");
-    let out = world.pod_exec(
-        1,
-        FINANCE,
-        &[
-            "curl",
-            "-sS",
-            "-m",
-            "10",
-            "--cacert",
-            &slack_ca,
-            "https://hooks.slack.com/",
-        ],
-    );
-    ok &= expect(&out, true, "hello from hooks.slack.com");
-
-    step("4. finance-agent: curl https://evil.example/ (not in its policy: DNS answers NXDOMAIN)");
+    step("5. finance-agent: curl https://evil.example/ (not in its policy: DNS answers NXDOMAIN)");
     let out = world.pod_exec(
         1,
         FINANCE,
@@ -136,7 +147,7 @@ fn main() -> ExitCode {
     ok &= expect(&out, false, "Could not resolve host");
 
     step(&format!(
-        "5. finance-agent: curl straight to evil.example's address {EVIL} (the kernel says EPERM)"
+        "6. finance-agent: curl straight to evil.example's address {EVIL} (the kernel says EPERM)"
     ));
     let out = world.pod_exec(
         1,
@@ -156,7 +167,7 @@ fn main() -> ExitCode {
     );
     ok &= expect(&out, false, "Operation not permitted");
 
-    step("6. the same call from a process that is not an agent workload (untouched by Aegis)");
+    step("7. the same call from a process that is not an agent workload (untouched by Aegis)");
     let out = world.pod_exec(
         1,
         None,
@@ -174,15 +185,18 @@ fn main() -> ExitCode {
     );
     ok &= expect(&out, true, "hello from evil.example");
 
-    step("Deny events the SOC receives (JSON lines on the agent's stdout, target aegis::event):");
+    step(
+        "Decisions the SOC receives (JSON lines on the agent's stdout; also OTLP spans and the audit log):",
+    );
     let _ = world.wait_for_event("egress_denied", std::time::Duration::from_secs(5), |e| {
         e["event"] == "egress_denied"
     });
-    for e in world
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "egress_denied" || e["event"] == "dns_denied")
-    {
+    for e in world.events().iter().filter(|e| {
+        matches!(
+            e["event"].as_str(),
+            Some("egress_denied" | "dns_denied" | "l7_decision")
+        )
+    }) {
         println!("   {e}");
     }
 
@@ -208,7 +222,7 @@ fn main() -> ExitCode {
 
     if ok {
         println!(
-            "\nDemo passed: allowlisted calls worked, the unlisted domain was refused by DNS and by the kernel."
+            "\nDemo passed: allowed calls worked, L7 policy held the 50,000 payment for approval and refused the 500,000 one, PII was redacted, and the unlisted domain was refused by DNS and by the kernel."
         );
         ExitCode::SUCCESS
     } else {

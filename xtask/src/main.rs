@@ -7,6 +7,7 @@
 //! is used as-is and never installed or updated.
 
 mod bench;
+mod bench_l7;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -38,6 +39,8 @@ enum Command {
     Demo(demo::Args),
     /// Benchmark connect() overhead and the DNS proxy against baselines (root).
     Bench(bench::Args),
+    /// Benchmark the L7 enforcer against a direct call and an nginx TLS proxy (root).
+    BenchL7(bench_l7::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,5 +60,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::BenchL7(args) => bench_l7::run(&args),
     }
 }
