@@ -13,12 +13,15 @@ use crate::cli::{Cli, Command, PolicyCommand};
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Exec(args) => exec::exec(args),
         Command::Status(args) => status::status(&args),
         Command::Policy(PolicyCommand::Check { dir }) => policy::check(&dir),
         Command::Policy(PolicyCommand::Compile { dir, out }) => policy::compile(&dir, out),
         Command::Policy(PolicyCommand::Test { dir }) => policy::test(&dir),
+        Command::Policy(PolicyCommand::Bench { dir, iterations }) => {
+            policy::bench(&dir, iterations)
+        }
         Command::Uninstall(args) => uninstall::uninstall(&args),
     }
 }

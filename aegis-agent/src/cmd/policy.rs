@@ -109,3 +109,49 @@ pub fn test(dir: &Path) -> anyhow::Result<ExitCode> {
         ExitCode::from(2)
     })
 }
+
+/// `aegis-agent policy bench`: decision latency per test case, and over all cases.
+pub fn bench(dir: &Path, iterations: u32) -> anyhow::Result<ExitCode> {
+    let Some((_, engine)) = load(dir) else {
+        return Ok(ExitCode::from(2));
+    };
+    let outcomes = match crate::policy::run_cases_timed(&engine, dir, iterations.max(1)) {
+        Ok(o) => o,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    println!("| case | p50 µs | p99 µs |\n|---|---|---|");
+    let mut p99s = Vec::new();
+    for o in &outcomes {
+        match (&o.failure, o.timing) {
+            (None, Some(t)) => {
+                println!(
+                    "| {} | {:.1} | {:.1} |",
+                    o.name,
+                    micros(t.p50),
+                    micros(t.p99)
+                );
+                p99s.push(t.p99);
+            }
+            (Some(why), _) => println!("| {} | failed: {why} | |", o.name),
+            (None, None) => {}
+        }
+    }
+    p99s.sort();
+    if let Some(worst) = p99s.last() {
+        let median = p99s[p99s.len() / 2];
+        println!(
+            "\n{} cases, {iterations} decisions each: median of per-case p99 {:.1} µs, worst p99 {:.1} µs",
+            p99s.len(),
+            micros(median),
+            micros(*worst)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn micros(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}

@@ -74,6 +74,15 @@ pub struct CaseOutcome {
     pub name: String,
     /// `None`: passed; otherwise what differed.
     pub failure: Option<String>,
+    /// Decision latency (request building and checking included), when timed.
+    pub timing: Option<Timing>,
+}
+
+/// Latency percentiles of one case's decision.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub p50: std::time::Duration,
+    pub p99: std::time::Duration,
 }
 
 /// Runs every case file (`*.yaml`/`*.yml`) in `dir/tests/` against `engine`.
@@ -81,6 +90,16 @@ pub struct CaseOutcome {
 /// # Errors
 /// A case file that cannot be read or parsed (with file and line), or no case file at all.
 pub fn run_cases(engine: &L7Engine, dir: &Path) -> Result<Vec<CaseOutcome>, PolicyErrors> {
+    run_cases_timed(engine, dir, 0)
+}
+
+/// [`run_cases`], and when `iterations > 0` each case's request is decided that many more
+/// times and its latency percentiles recorded in [`CaseOutcome::timing`].
+pub fn run_cases_timed(
+    engine: &L7Engine,
+    dir: &Path,
+    iterations: u32,
+) -> Result<Vec<CaseOutcome>, PolicyErrors> {
     let tests = dir.join("tests");
     let whole = |file: &Path, message: String| {
         PolicyErrors(vec![PolicyError {
@@ -121,11 +140,28 @@ pub fn run_cases(engine: &L7Engine, dir: &Path) -> Result<Vec<CaseOutcome>, Poli
             }
         };
         for case in cases {
-            let failure = run_case(engine, &case).err();
+            let failure = run_case(engine, &case, 0).err();
+            let timing = (iterations > 0 && failure.is_none()).then(|| {
+                let mut samples = Vec::with_capacity(iterations as usize);
+                let _ = run_case(engine, &case, iterations.min(1000)); // warm-up
+                for _ in 0..iterations {
+                    let t = std::time::Instant::now();
+                    let _ = run_case(engine, &case, 0);
+                    samples.push(t.elapsed());
+                }
+                samples.sort();
+                let pct =
+                    |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+                Timing {
+                    p50: pct(0.50),
+                    p99: pct(0.99),
+                }
+            });
             outcomes.push(CaseOutcome {
                 file: file.clone(),
                 name: case.name,
                 failure,
+                timing,
             });
         }
     }
@@ -136,7 +172,9 @@ pub fn run_cases(engine: &L7Engine, dir: &Path) -> Result<Vec<CaseOutcome>, Poli
     }
 }
 
-fn run_case(engine: &L7Engine, case: &Case) -> Result<(), String> {
+/// Decides the case's request (`1 + repeat` times) and compares the last decision with the
+/// expectation.
+fn run_case(engine: &L7Engine, case: &Case, repeat: u32) -> Result<(), String> {
     let r = &case.request;
     let (body, content_type) = match &r.body {
         None => (Vec::new(), r.content_type.clone()),
@@ -163,6 +201,9 @@ fn run_case(engine: &L7Engine, case: &Case) -> Result<(), String> {
         body: &body,
         time,
     };
+    for _ in 0..repeat {
+        std::hint::black_box(engine.decide(&req).map_err(|e| format!("error: {e}"))?);
+    }
     let d = engine.decide(&req).map_err(|e| format!("error: {e}"))?;
     let e = &case.expect;
     let mut diffs = Vec::new();

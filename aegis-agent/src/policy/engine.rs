@@ -192,12 +192,6 @@ impl L7Engine {
         })
     }
 
-    /// A fresh evaluation engine (what [`L7Engine::decide`] starts from); for measurements.
-    #[cfg(test)]
-    pub(crate) fn clone_prepared(&self) -> Engine {
-        self.prepared.clone()
-    }
-
     /// The policy set the engine was built from.
     #[cfg(test)]
     pub fn policies(&self) -> &PolicySet {
