@@ -530,3 +530,41 @@ print(ok, failed)
         "decisions under one policy version only: {versions:?}"
     );
 }
+
+#[test]
+fn node_fetch_works_unmodified() {
+    let w = world();
+    let Ok(node) = which("node") else {
+        panic!("node is not installed: `cargo xtask setup` installs nodejs");
+    };
+    let script = r#"
+fetch("https://api.stripe.com/v1/payment_intents", {
+  method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify({amount: 42}),
+}).then(r => r.json()).then(j => console.log(j.body)).catch(e => { console.error(e); process.exit(1); });
+"#;
+    let ca = format!("NODE_EXTRA_CA_CERTS={}", w.node_ca().display());
+    let out = w.pod_exec(1, FINANCE, &["env", &ca, &node, "-e", script]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        w.diagnostics()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"amount":42}"#
+    );
+}
+
+fn which(program: &str) -> Result<String, ()> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map_err(|_| ())?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() && !path.is_empty() {
+        Ok(path)
+    } else {
+        Err(())
+    }
+}

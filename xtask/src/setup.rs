@@ -33,6 +33,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("h2load", "nghttp2-client"),
     ("nginx", "nginx"),
+    ("node", "nodejs"),
     ("nsenter", "util-linux"),
 ];
 
