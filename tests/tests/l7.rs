@@ -406,25 +406,7 @@ fn every_decision_is_exported_as_an_otlp_span() {
         ],
     );
     assert_eq!(code, Some(0), "{err}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let span = loop {
-        let found = receiver
-            .spans
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|s| s.name == "aegis.l7")
-            .cloned();
-        if let Some(span) = found {
-            break span;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no aegis.l7 span\n{}",
-            w.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let span = common::wait_for_span(&receiver, "aegis.l7", || w.diagnostics());
     for (key, want) in [
         ("agent_id", "finance-agent"),
         ("tenant", "default"),

@@ -46,25 +46,7 @@ fn kernel_denies_are_exported_as_otlp_spans() {
         describe(&out)
     );
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let span = loop {
-        let found = receiver
-            .spans
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|s| s.name == "aegis.egress")
-            .cloned();
-        if let Some(span) = found {
-            break span;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no aegis.egress span within 20 s\n{}",
-            world.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let span = common::wait_for_span(&receiver, "aegis.egress", || world.diagnostics());
     for (key, want) in [
         ("agent", "web-agent"),
         ("tenant", "default"),

@@ -369,32 +369,15 @@ impl Datapath {
         net: IpNet,
         value: EgressValue,
     ) -> Result<(), DatapathError> {
-        let id = identity.to_be_bytes();
-        match net {
-            IpNet::V4(n) => {
-                let key = Key::new(
-                    32 + u32::from(n.prefix_len()),
-                    Cidr4Data {
-                        identity_be: id,
-                        addr: n.network().octets(),
-                    },
-                );
-                self.cidr4
-                    .insert(&key, value, 0)
-                    .map_err(map_err(MAP_CIDR4))
-            }
-            IpNet::V6(n) => {
-                let key = Key::new(
-                    32 + u32::from(n.prefix_len()),
-                    Cidr6Data {
-                        identity_be: id,
-                        addr: n.network().octets(),
-                    },
-                );
-                self.cidr6
-                    .insert(&key, value, 0)
-                    .map_err(map_err(MAP_CIDR6))
-            }
+        match cidr_key(identity, net) {
+            CidrKey::V4(key) => self
+                .cidr4
+                .insert(&key, value, 0)
+                .map_err(map_err(MAP_CIDR4)),
+            CidrKey::V6(key) => self
+                .cidr6
+                .insert(&key, value, 0)
+                .map_err(map_err(MAP_CIDR6)),
         }
     }
 
@@ -418,28 +401,9 @@ impl Datapath {
 
     /// Removes one CIDR entry (a missing entry is not an error).
     pub fn remove_cidr(&mut self, identity: u32, net: IpNet) -> Result<(), DatapathError> {
-        let id = identity.to_be_bytes();
-        match net {
-            IpNet::V4(n) => {
-                let key = Key::new(
-                    32 + u32::from(n.prefix_len()),
-                    Cidr4Data {
-                        identity_be: id,
-                        addr: n.network().octets(),
-                    },
-                );
-                ignore_missing(self.cidr4.remove(&key)).map_err(map_err(MAP_CIDR4))
-            }
-            IpNet::V6(n) => {
-                let key = Key::new(
-                    32 + u32::from(n.prefix_len()),
-                    Cidr6Data {
-                        identity_be: id,
-                        addr: n.network().octets(),
-                    },
-                );
-                ignore_missing(self.cidr6.remove(&key)).map_err(map_err(MAP_CIDR6))
-            }
+        match cidr_key(identity, net) {
+            CidrKey::V4(key) => ignore_missing(self.cidr4.remove(&key)).map_err(map_err(MAP_CIDR4)),
+            CidrKey::V6(key) => ignore_missing(self.cidr6.remove(&key)).map_err(map_err(MAP_CIDR6)),
         }
     }
 }
@@ -454,6 +418,33 @@ fn attach_sockops(p: &mut SockOps, cgroup: &fs::File) -> Result<FdLink, ProgramE
     let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single)?;
     let link = p.take_link(id)?;
     FdLink::try_from(link).map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))
+}
+
+enum CidrKey {
+    V4(Key<Cidr4Data>),
+    V6(Key<Cidr6Data>),
+}
+
+/// The LPM key of `net` for `identity`: the identity's 32 bits, then the network's prefix.
+fn cidr_key(identity: u32, net: IpNet) -> CidrKey {
+    let identity_be = identity.to_be_bytes();
+    let len = 32 + u32::from(net.prefix_len());
+    match net {
+        IpNet::V4(n) => CidrKey::V4(Key::new(
+            len,
+            Cidr4Data {
+                identity_be,
+                addr: n.network().octets(),
+            },
+        )),
+        IpNet::V6(n) => CidrKey::V6(Key::new(
+            len,
+            Cidr6Data {
+                identity_be,
+                addr: n.network().octets(),
+            },
+        )),
+    }
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

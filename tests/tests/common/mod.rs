@@ -97,3 +97,27 @@ pub fn attr_str(span: &Span, key: &str) -> Option<String> {
         other => Some(format!("{other:?}")),
     }
 }
+
+/// The first span named `name` the receiver got, waiting up to 20 s; panics with `context`
+/// (e.g. the world's diagnostics) otherwise.
+pub fn wait_for_span(receiver: &Receiver, name: &str, context: impl Fn() -> String) -> Span {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.name == name)
+            .cloned();
+        if let Some(span) = found {
+            return span;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {name} span within 20 s\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
