@@ -550,3 +550,25 @@ fn which(program: &str) -> Result<String, ()> {
         Err(())
     }
 }
+
+#[test]
+fn chunked_request_bodies_arrive_whole() {
+    let w = world();
+    let body = r#"{"amount":700,"currency":"usd"}"#;
+    let (code, out, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "--http1.1",
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-d",
+            body,
+            "https://api.stripe.com/v1/payment_intents",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    assert_eq!(json(&out, &w)["body"], body, "{out}");
+}
