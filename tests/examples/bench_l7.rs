@@ -24,22 +24,26 @@
 //! (`--h1`) and HTTP/2, percentiles from the per-request log. CPU: user+system time of the
 //! enforcer (the agent process) and of the nginx proxy's processes during each run.
 //!
+//! Decision alone: `aegis-agent policy bench` over the shipped example policies' test cases
+//! (`policies/`), the regorus evaluation without any I/O.
+//!
 //! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_BENCH_SECONDS` (length of each run,
-//! default 10), `AEGIS_BENCH_DECISION` (the decision-latency measurement's output, printed as
-//! is; `cargo xtask bench-l7` fills it).
+//! default 10).
 use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
-use aegis_tests::world::{DnsRecord, World, describe, pod_gateway_v4};
+use aegis_tests::world::{DnsRecord, World, describe, pod_gateway_v4, workspace_root};
 
 const UPSTREAM: &str = "api.bench.test";
 const UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
 const AGENT: Option<(&str, Option<&str>)> = Some(("bench", None));
 const FIXED_CLIENTS: u32 = 10;
 const FIXED_RPS_PER_CLIENT: u32 = 100;
+/// Decisions per test case in `aegis-agent policy bench`.
+const DECISIONS: u32 = 1000;
 
 const POLICY: &str = r#"
 agent: bench
@@ -317,19 +321,20 @@ fn main() {
     }
 
     // === decision ===
-    println!("## Policy decision alone (regorus)\n");
-    match std::env::var("AEGIS_BENCH_DECISION") {
-        Ok(text) if !text.trim().is_empty() => {
-            println!(
-                "From aegis-agent's `decision_latency` measurement (10,000 decisions each):\n"
-            );
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                println!("- {}", line.trim());
-            }
-        }
-        _ => println!("not measured (run through `cargo xtask bench-l7`)"),
+    println!(
+        "## Policy decision alone (regorus): aegis-agent policy bench policies/ --iterations {DECISIONS}\n"
+    );
+    let out = std::process::Command::new(world.agent_bin())
+        .args(["policy", "bench"])
+        .arg(workspace_root().join("policies"))
+        .args(["--iterations", &DECISIONS.to_string()])
+        .output()
+        .expect("run aegis-agent policy bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(summary) if out.status.success() => println!("{summary}\n"),
+        _ => println!("`aegis-agent policy bench` failed: {}\n", describe(&out)),
     }
-    println!();
 
     // === health ===
     let audit = world.audit_records().len();
