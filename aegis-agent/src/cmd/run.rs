@@ -48,12 +48,13 @@ const RESYNC_TICKS: u32 = 10;
 /// An exec cgroup younger than this is never collected (its process may not be in it yet).
 const EXEC_GRACE: Duration = Duration::from_secs(5);
 
-/// The agent's async work (DNS proxy, control socket, events) runs on one thread: a DNS answer
-/// then never waits for a wake-up on another core, which measured as the difference between
-/// matching a no-cache dnsmasq forwarder's latency and exceeding it (docs/benchmarks.md). Slow,
-/// blocking work (attaching programs, reloads, cgroup clean-up) runs on the blocking pool.
+/// The DNS proxy runs on a runtime of its own, one thread: an answer then never waits for a
+/// wake-up on another core (which measured as the difference between matching a no-cache
+/// dnsmasq forwarder's latency and exceeding it, docs/benchmarks.md) nor behind L7 work. The
+/// L7 enforcer, control socket and events use a multi-threaded runtime (one worker per core);
+/// slow, blocking work (attaching programs, reloads, cgroup clean-up) runs on its blocking pool.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(run_async(args))
@@ -122,8 +123,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         l7,
         decider,
         audit,
-        dns: DnsProxy::new(dns_settings, enforcer.clone(), policies.clone())
-            .context("opening the DNS upstream sockets")?,
+        dns: DnsProxy::new(
+            dns_settings,
+            enforcer.clone(),
+            policies.clone(),
+            dns_runtime()?,
+        )
+        .context("opening the DNS upstream sockets")?,
         enforcer,
         links: Mutex::new(links),
         policies,
@@ -182,6 +188,18 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     tracing::info!(target: "aegis::agent", "agent stopping; kernel enforcement stays in place until `aegis-agent uninstall`");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the DNS proxy's runtime on a thread of its own and returns its handle.
+fn dns_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("aegis-dns".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
 }
 
 /// Roots for verifying upstream servers: a PEM bundle, or the system's.

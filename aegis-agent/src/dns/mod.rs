@@ -74,6 +74,9 @@ pub struct DnsProxy {
 }
 
 struct Shared {
+    /// The runtime the proxy's tasks run on (its own thread: no DNS answer waits behind L7
+    /// work).
+    runtime: tokio::runtime::Handle,
     settings: Settings,
     upstream: upstream::Upstream,
     enforcer: Arc<Mutex<Enforcer>>,
@@ -93,8 +96,8 @@ enum Verdict {
 // === impl DnsProxy ===
 
 impl DnsProxy {
-    /// A proxy that learns into `enforcer` under the policies in `policies` (must run inside
-    /// the tokio runtime).
+    /// A proxy that learns into `enforcer` under the policies in `policies`, running its tasks
+    /// on `runtime`.
     ///
     /// # Errors
     /// The upstream sockets cannot be opened.
@@ -102,10 +105,15 @@ impl DnsProxy {
         settings: Settings,
         enforcer: Arc<Mutex<Enforcer>>,
         policies: Arc<ArcSwap<PolicySet>>,
+        runtime: tokio::runtime::Handle,
     ) -> io::Result<DnsProxy> {
-        let upstream = upstream::Upstream::new(settings.upstream, settings.upstream_timeout)?;
+        let upstream = {
+            let _in_runtime = runtime.enter();
+            upstream::Upstream::new(settings.upstream, settings.upstream_timeout)?
+        };
         Ok(DnsProxy {
             shared: Arc::new(Shared {
+                runtime,
                 settings,
                 upstream,
                 enforcer,
@@ -116,7 +124,7 @@ impl DnsProxy {
     }
 
     /// Binds the listeners of `identity` on `port` (once; later calls return at once) and
-    /// serves them in background tasks. Must run inside the tokio runtime.
+    /// serves them in background tasks on the proxy's runtime (callable from any thread).
     ///
     /// # Errors
     /// A listen address or port cannot be bound.
@@ -125,6 +133,7 @@ impl DnsProxy {
         if bound.contains(&port) {
             return Ok(());
         }
+        let _in_runtime = self.shared.runtime.enter();
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for ip in &self.shared.settings.listen {

@@ -462,6 +462,8 @@ async fn forward(
     }
     let response = match slot.as_mut().expect("set above") {
         Upstream::H1(sender) => {
+            // HTTP/1.1 carries one request at a time: hold the connection until the response
+            // head is in.
             sender
                 .ready()
                 .await
@@ -472,9 +474,15 @@ async fn forward(
             let host = HeaderValue::from_str(&conn.sni).map_err(|e| upstream_err(e.to_string()))?;
             req.headers_mut().insert(header::HOST, host);
             *req.uri_mut() = path_only(req.uri());
-            sender.send_request(req).await
+            let response = sender.send_request(req).await;
+            drop(slot);
+            response
         }
         Upstream::H2(sender) => {
+            // HTTP/2 multiplexes: release the connection so the workload's other streams go
+            // upstream concurrently.
+            let mut sender = sender.clone();
+            drop(slot);
             let mut req = req;
             *req.version_mut() = http::Version::HTTP_2;
             req.headers_mut().remove(header::HOST);
@@ -483,7 +491,6 @@ async fn forward(
         }
     }
     .map_err(|e| upstream_err(e.to_string()))?;
-    drop(slot);
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed()))
