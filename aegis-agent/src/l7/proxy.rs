@@ -227,6 +227,8 @@ async fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Refusal> {
+    // Responses are written whole; Nagle would only hold their tails back.
+    let _ = stream.set_nodelay(true);
     let origin = shared
         .enforcer
         .lock()
