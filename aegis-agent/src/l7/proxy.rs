@@ -590,21 +590,29 @@ fn conn_record(conn: &Conn) -> L7Record {
         sni: conn.sni.clone(),
         dst: conn.origin.to_string(),
         peer: conn.peer.to_string(),
-        ..refusal_record(&conn.identity, &Refusal::Policy(String::new()))
+        ..identity_record(&conn.identity)
     }
 }
 
-/// A record of a refusal by the enforcer itself (no policy decision reached).
-fn refusal_record(identity: &Identity, refusal: &Refusal) -> L7Record {
+/// A record naming only the identity; a decision fills in the rest. Until then it says
+/// `deny`: a request that ends before its decision was refused.
+fn identity_record(identity: &Identity) -> L7Record {
     L7Record {
         kind: "l7_decision",
         agent: identity.agent.to_string(),
         tenant: identity.tenant.to_string(),
         identity: identity.id(),
         decision: "deny",
-        reason: format!("{}: {refusal}", refusal.reason()),
         mode: "enforce",
         ..L7Record::default()
+    }
+}
+
+/// A record of a refusal by the enforcer itself (no policy decision reached).
+fn refusal_record(identity: &Identity, refusal: &Refusal) -> L7Record {
+    L7Record {
+        reason: format!("{}: {refusal}", refusal.reason()),
+        ..identity_record(identity)
     }
 }
 
