@@ -22,6 +22,9 @@ fn main() -> anyhow::Result<()> {
     let forced = env::var("AEGIS_EBPF_PREBUILT").is_ok_and(|v| v == "1");
     match (forced, missing_toolchain()) {
         (false, None) => {
+            // The kernel programs are built from aegis-ebpf *and* the types in aegis-common;
+            // aya-build watches only the former.
+            println!("cargo:rerun-if-changed={}", root.join("aegis-common/src").display());
             let ebpf_dir = root.join("aegis-ebpf");
             let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
             let package = aya_build::Package {
