@@ -24,7 +24,10 @@ fn main() -> anyhow::Result<()> {
         (false, None) => {
             // The kernel programs are built from aegis-ebpf *and* the types in aegis-common;
             // aya-build watches only the former.
-            println!("cargo:rerun-if-changed={}", root.join("aegis-common/src").display());
+            println!(
+                "cargo:rerun-if-changed={}",
+                root.join("aegis-common/src").display()
+            );
             let ebpf_dir = root.join("aegis-ebpf");
             let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
             let package = aya_build::Package {

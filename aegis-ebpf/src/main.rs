@@ -314,7 +314,13 @@ fn mapped_v4(a: &[u8; 16]) -> Option<[u8; 4]> {
 
 #[inline(always)]
 fn ip6_of(sa: &bpf_sock_addr) -> [u8; 16] {
-    let w = sa.user_ip6;
+    words_to_bytes(sa.user_ip6)
+}
+
+/// Four `u32` words of an address as the kernel stores it (network byte order in memory) to
+/// its 16 bytes.
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -696,17 +702,7 @@ pub fn aegis_sockops(ctx: SockOpsContext) -> u32 {
                 core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
             ]
         };
-        let mut a = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let b = w[i].to_ne_bytes();
-            a[i * 4] = b[0];
-            a[i * 4 + 1] = b[1];
-            a[i * 4 + 2] = b[2];
-            a[i * 4 + 3] = b[3];
-            i += 1;
-        }
-        a
+        words_to_bytes(w)
     };
     let key = PeerKey {
         addr,

@@ -21,7 +21,15 @@ pub struct Args {
 
 /// Runs `cargo xtask bench`; returns only on failure.
 pub fn run(args: &Args) -> Result<()> {
-    if !args.no_setup {
+    run_example("bench", args.no_setup, args.seconds)
+}
+
+/// Sets up (unless `no_setup`), builds the agent and the test binaries and examples in release
+/// mode, and replaces this process with `example` of `aegis-tests`, which finds the agent and
+/// the connect bench through `AEGIS_AGENT_BIN` / `AEGIS_CONNECT_BENCH_BIN` and the length of a
+/// run through `AEGIS_BENCH_SECONDS`. Returns only on failure.
+pub fn run_example(example: &str, no_setup: bool, seconds: u32) -> Result<()> {
+    if !no_setup {
         setup::run()?;
     }
     cmd::run(cmd::cargo().args([
@@ -32,6 +40,7 @@ pub fn run(args: &Args) -> Result<()> {
         "-p",
         "aegis-tests",
         "--bins",
+        "--examples",
     ]))?;
     let target = cmd::target_dir().join("release");
     let mut bench = cmd::cargo();
@@ -43,14 +52,14 @@ pub fn run(args: &Args) -> Result<()> {
             "-p",
             "aegis-tests",
             "--example",
-            "bench",
+            example,
         ])
         .env("AEGIS_AGENT_BIN", target.join("aegis-agent"))
         .env(
             "AEGIS_CONNECT_BENCH_BIN",
             target.join("aegis-connect-bench"),
         )
-        .env("AEGIS_BENCH_SECONDS", args.seconds.to_string());
+        .env("AEGIS_BENCH_SECONDS", seconds.to_string());
     println!("$ {}", cmd::display(&bench));
     Err(bench.exec()).with_context(|| format!("failed to run `{}`", cmd::display(&bench)))
 }

@@ -4,11 +4,7 @@
 //! Needs root, wrk, h2load and nginx (`cargo xtask setup` installs them); record the output in
 //! `docs/benchmarks.md`.
 
-use std::os::unix::process::CommandExt as _;
-
-use anyhow::{Context as _, Result};
-
-use crate::{cmd, setup};
+use anyhow::Result;
 
 /// Arguments of `cargo xtask bench-l7`.
 #[derive(clap::Args)]
@@ -23,33 +19,5 @@ pub struct Args {
 
 /// Runs `cargo xtask bench-l7`; returns only on failure.
 pub fn run(args: &Args) -> Result<()> {
-    if !args.no_setup {
-        setup::run()?;
-    }
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "aegis-agent",
-        "-p",
-        "aegis-tests",
-        "--bins",
-        "--examples",
-    ]))?;
-    let target = cmd::target_dir().join("release");
-    let mut bench = cmd::cargo();
-    bench
-        .args([
-            "run",
-            "-q",
-            "--release",
-            "-p",
-            "aegis-tests",
-            "--example",
-            "bench_l7",
-        ])
-        .env("AEGIS_AGENT_BIN", target.join("aegis-agent"))
-        .env("AEGIS_BENCH_SECONDS", args.seconds.to_string());
-    println!("$ {}", cmd::display(&bench));
-    Err(bench.exec()).with_context(|| format!("failed to run `{}`", cmd::display(&bench)))
+    crate::bench::run_example("bench_l7", args.no_setup, args.seconds)
 }
