@@ -228,19 +228,12 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
-/// Allowlist check of an IPv4 destination (`addr` network byte order, `port` host order).
+/// Allowlist check of an IPv4 destination (`addr` network byte order, `port` host order):
+/// (reason, `EGRESS_F_*` flags of the entry that allowed).
 #[inline(always)]
 fn check4(identity: u32, addr: [u8; 4], port: u16) -> (u32, u32) {
-    let t = now();
     // SAFETY: plain-data value.
     let learned = unsafe { FQDN4.get(&Egress4Key { identity, addr }) };
-    let mut reason = REASON_NOT_ALLOWED;
-    if let Some(v) = learned {
-        reason = v.check(port, t);
-        if reason == REASON_NONE {
-            return (reason, v.flags);
-        }
-    }
     let key = Key::new(
         64,
         Cidr4Data {
@@ -248,16 +241,7 @@ fn check4(identity: u32, addr: [u8; 4], port: u16) -> (u32, u32) {
             addr,
         },
     );
-    if let Some(v) = CIDR4.get(&key) {
-        let r = v.check(port, t);
-        if r == REASON_NONE {
-            return (r, v.flags);
-        }
-        if reason == REASON_NOT_ALLOWED {
-            reason = r;
-        }
-    }
-    (reason, 0)
+    verdict(learned, || CIDR4.get(&key), port)
 }
 
 /// Allowlist check of an IPv6 destination; IPv4-mapped addresses get the IPv4 rules.
@@ -266,16 +250,8 @@ fn check6(identity: u32, addr: [u8; 16], port: u16) -> (u32, u32) {
     if let Some(v4) = mapped_v4(&addr) {
         return check4(identity, v4, port);
     }
-    let t = now();
     // SAFETY: plain-data value.
     let learned = unsafe { FQDN6.get(&Egress6Key { identity, addr }) };
-    let mut reason = REASON_NOT_ALLOWED;
-    if let Some(v) = learned {
-        reason = v.check(port, t);
-        if reason == REASON_NONE {
-            return (reason, v.flags);
-        }
-    }
     let key = Key::new(
         160,
         Cidr6Data {
@@ -283,7 +259,27 @@ fn check6(identity: u32, addr: [u8; 16], port: u16) -> (u32, u32) {
             addr,
         },
     );
-    if let Some(v) = CIDR6.get(&key) {
+    verdict(learned, || CIDR6.get(&key), port)
+}
+
+/// Combines the two allowlists of a destination: a learned entry that allows wins; else a CIDR
+/// entry that allows (looked up only then); else the most telling reason (an expired or
+/// wrong-port learned entry says more than "not allowed").
+#[inline(always)]
+fn verdict<'a>(
+    learned: Option<&EgressValue>,
+    cidr: impl FnOnce() -> Option<&'a EgressValue>,
+    port: u16,
+) -> (u32, u32) {
+    let t = now();
+    let mut reason = REASON_NOT_ALLOWED;
+    if let Some(v) = learned {
+        reason = v.check(port, t);
+        if reason == REASON_NONE {
+            return (reason, v.flags);
+        }
+    }
+    if let Some(v) = cidr() {
         let r = v.check(port, t);
         if r == REASON_NONE {
             return (r, v.flags);
