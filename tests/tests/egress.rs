@@ -820,3 +820,46 @@ fn hot_reload_adds_a_domain() {
         "allowed.test after reload",
     );
 }
+
+#[test]
+fn malformed_dns_packets_are_refused_and_the_proxy_keeps_answering() {
+    let mut w = started(web_policy(&["- fqdn: allowed.test"]));
+    // Garbage, a truncated header, a response instead of a query, and an oversized label,
+    // all sent to port 53 (the kernel steers them to the proxy), then a real lookup.
+    let script = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+bad = [b"\xff" * 40, b"\x12", struct.pack(">HHHHHH", 7, 0x8180, 1, 0, 0, 0) + b"\x07allowed\x04test\x00\x00\x01\x00\x01",
+       struct.pack(">HHHHHH", 9, 0x0100, 1, 0, 0, 0) + b"\x7f" + b"a" * 127 + b"\x00\x00\x01\x00\x01"]
+answers = []
+for pkt in bad:
+    s.sendto(pkt, ("198.18.0.53", 53))
+    try:
+        data, _ = s.recvfrom(4096)
+        answers.append("rcode=%d" % (data[3] & 0xf) if len(data) >= 4 else "short")
+    except socket.timeout:
+        answers.append("none")
+print(" ".join(answers))
+print(socket.getaddrinfo("allowed.test", 80, socket.AF_INET)[0][4][0])
+"#;
+    let py = w.python().to_string_lossy().into_owned();
+    let out = w.pod_exec(1, WEB, &[py.as_str(), "-c", script]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        w.diagnostics()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    // Garbage with an ID gets FORMERR (1); a 1-byte packet gets nothing; a response is ignored;
+    // an over-long label is a malformed name: FORMERR.
+    assert_eq!(lines[0], "rcode=1 none none rcode=1", "{stdout}");
+    assert_eq!(
+        lines[1],
+        v4(10).to_string(),
+        "the proxy still answers: {stdout}"
+    );
+    assert!(w.agent_running(), "the agent survived\n{}", w.diagnostics());
+}
