@@ -17,6 +17,7 @@ use std::{
     process::{Command, Stdio},
 };
 
+use aegis_tests::report::{field, median, num_cpus, percentile, uname_r};
 use aegis_tests::world::{DnsRecord, NODE_UPLINK_V4, UPSTREAM_DNS_V4, World, workspace_root};
 
 const NAMES: usize = 200;
@@ -224,39 +225,4 @@ impl Target<'_> {
         );
         text
     }
-}
-
-fn field(out: &str, key: &str) -> Option<String> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .map(|rest| {
-            rest.split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    percentile(v, 0.5)
-}
-
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
-    v[i]
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
-}
-
-fn uname_r() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
 }

@@ -35,6 +35,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aegis_tests::report::{field, num_cpus, percentile, uname_r};
 use aegis_tests::world::{DnsRecord, World, describe, pod_gateway_v4, workspace_root};
 
 const UPSTREAM: &str = "api.bench.test";
@@ -618,28 +619,8 @@ fn duration_us(s: &str) -> Option<f64> {
     })
 }
 
-fn field(out: &str, key: &str) -> Option<String> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .map(|rest| {
-            rest.split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
-}
-
 fn field_u64(out: &str, key: &str) -> u64 {
     field(out, key).and_then(|s| s.parse().ok()).unwrap_or(0)
-}
-
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
-    v[i]
 }
 
 fn first_line(cmd: &str, args: &[&str]) -> String {
@@ -652,15 +633,4 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
             t.lines().next().unwrap_or_default().trim().to_owned()
         })
         .unwrap_or_default()
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
-}
-
-fn uname_r() -> String {
-    fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
 }
