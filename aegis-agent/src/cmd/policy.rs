@@ -1,5 +1,5 @@
-//! `aegis-agent policy check | compile | test`: validate a policy directory (YAML and the L7
-//! Rego built from it), write its Rego bundle, run its data-driven test cases.
+//! `aegis-agent policy check | compile | test | bench`: validate a policy directory (YAML and the
+//! L7 Rego built from it), write its Rego bundle, run its data-driven test cases, time them.
 
 use std::{
     fs,
@@ -9,7 +9,9 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::policy::{L7Engine, PolicyErrors, PolicySet, compile_bundle, run_cases};
+use crate::policy::{
+    Backend, CaseOutcome, L7Engine, PolicyErrors, PolicySet, compile_bundle, run_cases,
+};
 
 /// Loads the directory and builds the L7 engine; prints the errors and returns `None` when
 /// either fails.
@@ -110,46 +112,75 @@ pub fn test(dir: &Path) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `aegis-agent policy bench`: decision latency per test case, and over all cases.
+/// `aegis-agent policy bench`: decision latency per test case, and over all cases, on the RVM
+/// (what the enforcer runs) and on the interpreter in the same process, as a baseline.
 pub fn bench(dir: &Path, iterations: u32) -> anyhow::Result<ExitCode> {
     let Some((_, engine)) = load(dir) else {
         return Ok(ExitCode::from(2));
     };
-    let outcomes = match crate::policy::run_cases_timed(&engine, dir, iterations.max(1)) {
-        Ok(o) => o,
-        Err(errors) => {
-            eprintln!("{errors}");
-            return Ok(ExitCode::from(2));
-        }
-    };
-    println!("| case | p50 µs | p99 µs |\n|---|---|---|");
-    let mut p99s = Vec::new();
-    for o in &outcomes {
-        match (&o.failure, o.timing) {
-            (None, Some(t)) => {
-                println!(
-                    "| {} | {:.1} | {:.1} |",
-                    o.name,
-                    micros(t.p50),
-                    micros(t.p99)
-                );
-                p99s.push(t.p99);
+    let mut runs = Vec::new();
+    for backend in [Backend::Vm, Backend::Vm] {
+        match crate::policy::run_cases_timed(&engine, dir, iterations.max(1), backend) {
+            Ok(o) => runs.push(o),
+            Err(errors) => {
+                eprintln!("{errors}");
+                return Ok(ExitCode::from(2));
             }
-            (Some(why), _) => println!("| {} | failed: {why} | |", o.name),
-            (None, None) => {}
         }
     }
-    p99s.sort();
-    if let Some(worst) = p99s.last() {
-        let median = p99s[p99s.len() / 2];
+    let (vm, interp) = (&runs[0], &runs[1]);
+    println!(
+        "| case | RVM p50 µs | RVM p99 µs | interpreter p50 µs | interpreter p99 µs |\n|---|---|---|---|---|"
+    );
+    let mut failed = false;
+    for (v, i) in vm.iter().zip(interp) {
+        match (&v.failure, v.timing, i.timing) {
+            (None, Some(t), Some(u)) => println!(
+                "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                v.name,
+                micros(t.p50),
+                micros(t.p99),
+                micros(u.p50),
+                micros(u.p99)
+            ),
+            (Some(why), _, _) => {
+                failed = true;
+                println!("| {} | failed: {why} | | | |", v.name);
+            }
+            _ => {
+                failed = true;
+                println!("| {} | | | failed: {:?} | |", v.name, i.failure);
+            }
+        }
+    }
+    let summary = |outcomes: &[CaseOutcome]| {
+        let mut p99s: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| o.timing)
+            .map(|t| t.p99)
+            .collect();
+        p99s.sort();
+        p99s.last()
+            .map(|worst| (p99s[p99s.len() / 2], *worst, p99s.len()))
+    };
+    if let (Some((vm_median, vm_worst, n)), Some((in_median, in_worst, _))) =
+        (summary(vm), summary(interp))
+    {
         println!(
-            "\n{} cases, {iterations} decisions each: median of per-case p99 {:.1} µs, worst p99 {:.1} µs",
-            p99s.len(),
-            micros(median),
-            micros(*worst)
+            "\n{n} cases, {iterations} decisions each. Per-case p99, median / worst: RVM {:.1} / {:.1} µs, interpreter {:.1} / {:.1} µs; RVM/interpreter {:.2}× / {:.2}×",
+            micros(vm_median),
+            micros(vm_worst),
+            micros(in_median),
+            micros(in_worst),
+            micros(vm_median) / micros(in_median),
+            micros(vm_worst) / micros(in_worst),
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn micros(d: std::time::Duration) -> f64 {

@@ -10,7 +10,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{L7Engine, L7Request, L7Verdict, PolicyError, PolicyErrors, yaml_message};
+use super::{Backend, L7Engine, L7Request, L7Verdict, PolicyError, PolicyErrors, yaml_message};
 
 /// Request time of cases that give none: Monday 2025-01-06 15:00 UTC.
 pub const DEFAULT_TIME: &str = "2025-01-06T15:00:00Z";
@@ -90,15 +90,17 @@ pub struct Timing {
 /// # Errors
 /// A case file that cannot be read or parsed (with file and line), or no case file at all.
 pub fn run_cases(engine: &L7Engine, dir: &Path) -> Result<Vec<CaseOutcome>, PolicyErrors> {
-    run_cases_timed(engine, dir, 0)
+    run_cases_timed(engine, dir, 0, Backend::Vm)
 }
 
 /// [`run_cases`], and when `iterations > 0` each case's request is decided that many more
-/// times and its latency percentiles recorded in [`CaseOutcome::timing`].
+/// times and its latency percentiles recorded in [`CaseOutcome::timing`]. Decisions are made by
+/// `backend`.
 pub fn run_cases_timed(
     engine: &L7Engine,
     dir: &Path,
     iterations: u32,
+    backend: Backend,
 ) -> Result<Vec<CaseOutcome>, PolicyErrors> {
     let tests = dir.join("tests");
     let whole = |file: &Path, message: String| {
@@ -140,13 +142,13 @@ pub fn run_cases_timed(
             }
         };
         for case in cases {
-            let failure = run_case(engine, &case, 0).err();
+            let failure = run_case(engine, &case, 0, backend).err();
             let timing = (iterations > 0 && failure.is_none()).then(|| {
                 let mut samples = Vec::with_capacity(iterations as usize);
-                let _ = run_case(engine, &case, iterations.min(1000)); // warm-up
+                let _ = run_case(engine, &case, iterations.min(1000), backend); // warm-up
                 for _ in 0..iterations {
                     let t = std::time::Instant::now();
-                    let _ = run_case(engine, &case, 0);
+                    let _ = run_case(engine, &case, 0, backend);
                     samples.push(t.elapsed());
                 }
                 samples.sort();
@@ -174,7 +176,7 @@ pub fn run_cases_timed(
 
 /// Decides the case's request (`1 + repeat` times) and compares the last decision with the
 /// expectation.
-fn run_case(engine: &L7Engine, case: &Case, repeat: u32) -> Result<(), String> {
+fn run_case(engine: &L7Engine, case: &Case, repeat: u32, backend: Backend) -> Result<(), String> {
     let r = &case.request;
     let (body, content_type) = match &r.body {
         None => (Vec::new(), r.content_type.clone()),
@@ -202,9 +204,15 @@ fn run_case(engine: &L7Engine, case: &Case, repeat: u32) -> Result<(), String> {
         time,
     };
     for _ in 0..repeat {
-        std::hint::black_box(engine.decide(&req).map_err(|e| format!("error: {e}"))?);
+        std::hint::black_box(
+            engine
+                .decide_with(&req, backend)
+                .map_err(|e| format!("error: {e}"))?,
+        );
     }
-    let d = engine.decide(&req).map_err(|e| format!("error: {e}"))?;
+    let d = engine
+        .decide_with(&req, backend)
+        .map_err(|e| format!("error: {e}"))?;
     let e = &case.expect;
     let mut diffs = Vec::new();
     if d.verdict != e.verdict {

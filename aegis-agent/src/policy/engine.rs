@@ -1,21 +1,30 @@
 //! The L7 decision engine: the policy set compiled to Rego and loaded into regorus once
-//! ([`L7Engine::build`]), then, per request, the prepared engine is cloned, given an execution
-//! time limit and the request's input document, and asked for the policy's `decision`
-//! ([`L7Engine::decide`]).
+//! ([`L7Engine::build`]); each policy's `decision` rule is then compiled to a program for
+//! regorus's register VM (RVM). Per request, a fresh VM runs that program on the request's input
+//! document, under an instruction and a wall-clock limit ([`L7Engine::decide`]).
 //!
-//! Invariants: a build either yields an engine that has compiled and prepared every module or
-//! every error with file and line; `decide` never blocks on another request (each evaluation
-//! owns its clone); an error from `decide` (evaluation failure, limit exceeded) must be treated
-//! by the caller as a deny — it is an `Err`, never an `Allow`.
+//! The tree-walking interpreter stays available as [`Backend::Interpreter`]: tests run every
+//! shipped case through both and require the same decisions, and `policy bench` reports both.
+//!
+//! Invariants: a build either yields an engine that has compiled and prepared every module and
+//! program or every error with file and line; `decide` never blocks on another request (each
+//! evaluation owns its VM); an error from `decide` (evaluation failure, limit exceeded) must be
+//! treated by the caller as a deny — it is an `Err`, never an `Allow`.
 
 use std::{
     collections::HashMap,
     num::NonZeroU32,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use regorus::{Engine, Value, utils::limits::ExecutionTimerConfig};
+use regorus::{
+    Engine, Value,
+    languages::rego::compiler::Compiler,
+    rvm::{RegoVM, program::Program, vm::VmError},
+    utils::limits::ExecutionTimerConfig,
+};
 
 use super::{
     L7Verdict, Mode, PolicyError, PolicyErrors, PolicySet, input,
@@ -24,6 +33,22 @@ use super::{
 
 /// Default wall-clock limit on one evaluation.
 pub const DEFAULT_EVAL_LIMIT: Duration = Duration::from_millis(50);
+
+/// Most RVM instructions one evaluation may execute. The shipped policies need a few hundred to
+/// a few thousand (a constraint costs a handful per parameter value, and values are bounded by
+/// [`super::input::MAX_VALUES`]); regorus's own default is 25,000.
+pub const MAX_INSTRUCTIONS: usize = 1_000_000;
+
+/// Which regorus evaluator runs a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The policy's `decision` rule compiled once to an RVM program; a fresh VM per request.
+    /// What the enforcer uses.
+    Vm,
+    /// The tree-walking interpreter on a clone of the prepared engine. Kept as the reference
+    /// the VM is checked against.
+    Interpreter,
+}
 
 /// One HTTP request as the L7 enforcer sees it, after TLS termination.
 #[derive(Clone, Debug)]
@@ -102,11 +127,13 @@ pub enum L7Error {
 
 /// The compiled L7 policies, ready to evaluate. Cheap to share behind an `Arc`.
 pub struct L7Engine {
-    /// Every module added and prepared; cloned per evaluation.
+    /// Every module added and prepared; cloned per interpreter evaluation.
     prepared: Engine,
     set: PolicySet,
     /// Rule path of each policy's decision, by rego id.
     rules: HashMap<String, String>,
+    /// Each policy's decision rule as an RVM program, by rego id.
+    programs: HashMap<String, Arc<Program>>,
     limit: ExecutionTimerConfig,
 }
 
@@ -184,10 +211,29 @@ impl L7Engine {
         if !errors.is_empty() {
             return Err(PolicyErrors(errors));
         }
+        let mut programs = HashMap::new();
+        for policy in set.sorted() {
+            let rule = &rules[&policy.rego_id];
+            match compile_program(&engine, rule) {
+                Ok(program) => {
+                    programs.insert(policy.rego_id.clone(), program);
+                }
+                Err(message) => errors.push(PolicyError {
+                    file: policy.source.clone(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot compile {rule} to an RVM program: {message}"),
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(PolicyErrors(errors));
+        }
         Ok(L7Engine {
             prepared: engine,
             set: set.clone(),
             rules,
+            programs,
             limit,
         })
     }
@@ -208,6 +254,18 @@ impl L7Engine {
     /// # Errors
     /// Evaluation failed or exceeded the limit; the caller must deny.
     pub fn decide(&self, req: &L7Request<'_>) -> Result<L7Decision, L7Error> {
+        self.decide_with(req, Backend::Vm)
+    }
+
+    /// [`L7Engine::decide`] on a chosen evaluator.
+    ///
+    /// # Errors
+    /// As [`L7Engine::decide`].
+    pub fn decide_with(
+        &self,
+        req: &L7Request<'_>,
+        backend: Backend,
+    ) -> Result<L7Decision, L7Error> {
         let Some(policy) = self.set.for_identity(req.agent, req.tenant) else {
             return Ok(L7Decision::early(
                 L7Verdict::Deny,
@@ -237,10 +295,45 @@ impl L7Engine {
             }
         };
         let input = input::build(req, &host, &path);
+        let out = match backend {
+            Backend::Vm => self.run_program(policy, input)?,
+            Backend::Interpreter => self.interpret(policy, input)?,
+        };
+        parse_decision(&out).map_err(|detail| L7Error::Output {
+            policy: policy.source.clone(),
+            detail,
+        })
+    }
+
+    fn run_program(&self, policy: &super::Policy, input: Value) -> Result<Value, L7Error> {
+        let mut vm = RegoVM::new();
+        vm.load_program(Arc::clone(&self.programs[&policy.rego_id]));
+        vm.set_max_instructions(MAX_INSTRUCTIONS);
+        vm.set_execution_timer_config(Some(self.limit));
+        vm.set_input(input);
+        vm.execute().map_err(|e| {
+            let message = e.to_string();
+            match e {
+                VmError::InstructionLimitExceeded { .. }
+                | VmError::TimeLimitExceeded { .. }
+                | VmError::MemoryLimitExceeded { .. }
+                | VmError::MemoryBudgetExceeded { .. } => L7Error::Limit {
+                    policy: policy.source.clone(),
+                    message,
+                },
+                _ => L7Error::Eval {
+                    policy: policy.source.clone(),
+                    message,
+                },
+            }
+        })
+    }
+
+    fn interpret(&self, policy: &super::Policy, input: Value) -> Result<Value, L7Error> {
         let mut engine = self.prepared.clone();
         engine.set_execution_timer_config(self.limit);
         engine.set_input(input);
-        let out = engine
+        engine
             .eval_rule(self.rules[&policy.rego_id].clone())
             .map_err(|e| {
                 let message = format!("{e:#}");
@@ -255,12 +348,17 @@ impl L7Engine {
                         message,
                     }
                 }
-            })?;
-        parse_decision(&out).map_err(|detail| L7Error::Output {
-            policy: policy.source.clone(),
-            detail,
-        })
+            })
     }
+}
+
+/// Compiles one decision rule of a prepared engine to an RVM program.
+fn compile_program(engine: &Engine, rule: &str) -> Result<Arc<Program>, String> {
+    let mut engine = engine.clone();
+    let compiled = engine
+        .compile_with_entrypoint(&rule.into())
+        .map_err(|e| one_line(&format!("{e:#}")))?;
+    Compiler::compile_from_policy(&compiled, &[rule]).map_err(|e| one_line(&e.to_string()))
 }
 
 /// Reads the decision document the generated `decision` rule returns.

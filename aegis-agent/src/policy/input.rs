@@ -198,6 +198,26 @@ fn bracket_path(key: &str) -> String {
     parts.join(".")
 }
 
+/// A parameter value as a number: numbers as they are; strings holding a plain decimal number
+/// (`-?[0-9]{1,15}(\.[0-9]{1,15})?`: no exponent, sign `+`, spaces, `NaN` or `inf`) parsed;
+/// `null` for anything else. What `min`, `max` and `approval_needed_over` compare.
+pub fn number(v: &Value) -> Value {
+    match v {
+        Value::Number(_) => v.clone(),
+        Value::String(s) if is_decimal(s) => s.parse::<f64>().map_or(Value::Null, Value::from),
+        _ => Value::Null,
+    }
+}
+
+fn is_decimal(s: &str) -> bool {
+    let digits = |t: &str| (1..=15).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit());
+    let s = s.strip_prefix('-').unwrap_or(s);
+    match s.split_once('.') {
+        Some((int, frac)) => digits(int) && digits(frac),
+        None => digits(s),
+    }
+}
+
 /// The input document for the request.
 pub fn build(req: &L7Request<'_>, host: &str, path: &str) -> Value {
     let params = params(req.query, req.content_type, req.body);
@@ -215,6 +235,15 @@ pub fn build(req: &L7Request<'_>, host: &str, path: &str) -> Value {
     put("method", Value::from(req.method));
     put("path", Value::from(path));
     put("time_ns", Value::from(time_ns));
+    let numbers: BTreeMap<Value, Value> = params
+        .values
+        .iter()
+        .map(|(k, v)| {
+            let n: Vec<Value> = v.iter().map(number).collect();
+            (Value::from(k.as_str()), Value::from(n))
+        })
+        .collect();
+    put("numbers", Value::from(numbers));
     let values: BTreeMap<Value, Value> = params
         .values
         .into_iter()
@@ -257,6 +286,37 @@ mod tests {
         );
         assert_eq!(p.values["metadata.order_id"], vec![Value::from("A 1")]);
         assert_eq!(p.values["items.price"], vec![Value::from("3")]);
+    }
+
+    #[test]
+    fn numbers_are_plain_decimals_only() {
+        for (v, n) in [
+            (Value::from("5000"), Value::from(5000.0)),
+            (Value::from("-1.5"), Value::from(-1.5)),
+            (Value::from(42u64), Value::from(42u64)),
+            (
+                Value::from("123456789012345"),
+                Value::from(123456789012345.0),
+            ),
+        ] {
+            assert_eq!(number(&v), n, "{v}");
+        }
+        for v in [
+            "NaN",
+            "inf",
+            "1e5",
+            "+5",
+            " 5",
+            "5.",
+            ".5",
+            "0x10",
+            "1234567890123456",
+            "",
+            "-",
+        ] {
+            assert_eq!(number(&Value::from(v)), Value::Null, "{v:?}");
+        }
+        assert_eq!(number(&Value::from(true)), Value::Null);
     }
 
     #[test]

@@ -29,13 +29,13 @@ use std::{
 
 use ipnet::IpNet;
 
-pub use cases::{run_cases, run_cases_timed};
+pub use cases::{CaseOutcome, run_cases, run_cases_timed};
 // The L7 enforcer's API; a caller names the types it needs.
 #[allow(
     unused_imports,
     reason = "API of the L7 enforcer: callers name what they need"
 )]
-pub use engine::{DEFAULT_EVAL_LIMIT, L7Decision, L7Engine, L7Error, L7Request};
+pub use engine::{Backend, DEFAULT_EVAL_LIMIT, L7Decision, L7Engine, L7Error, L7Request};
 pub use l7::{CustomDetector, DLP_KINDS, L7Verdict, Tool};
 pub use raw::{FqdnPattern, Name};
 pub use rego::compile_bundle;

@@ -35,12 +35,20 @@ package aegis.lib
 import rego.v1
 
 # num(x): x as a number, for numbers and numeric strings ("5000", "-1.5"); undefined otherwise.
+# (For raw modules: generated rules read input.numbers, which the enforcer fills the same way.)
 num(x) := x if is_number(x)
 
 num(x) := to_number(x) if {
 	is_string(x)
 	regex.match(`^-?[0-9]{1,15}(\.[0-9]{1,15})?$`, x)
 }
+
+# path_under(path, prefix): path is prefix or below it (the pattern `/v1/**` is
+# path_under(input.path, "/v1"): it matches `/v1`, `/v1/` and `/v1/x/y`). The prefix "" matches
+# every path.
+path_under(path, prefix) if path == prefix
+
+path_under(path, prefix) if startswith(path, concat("", [prefix, "/"]))
 
 # text(x): x as a string, for regex checks (numbers and booleans as they print).
 text(x) := x if is_string(x)
@@ -204,10 +212,8 @@ pub fn compile_policy(policy: &Policy, has_ext: bool) -> String {
         policy.version,
         lit(mode_str(policy)),
     );
-    let _ = writeln!(
-        w,
-        "# The first matching action, in file order; undefined when none matches.\nroute := matches[min({{i | matches[i]}})]\n"
-    );
+    compile_route(w, policy);
+    compile_actions(w, policy);
     let _ = writeln!(
         w,
         "decision := lib.decide(policy, route, actions[route.action], violations) if route\n\ndecision := lib.no_action(policy) if not route\n"
@@ -223,19 +229,10 @@ pub fn compile_policy(policy: &Policy, has_ext: bool) -> String {
             ext = ext_package(policy)
         );
     }
-    let mut index = 0;
     for tool in &policy.tools {
-        let _ = writeln!(w, "# === tool {} ({}) ===\n", tool.name, tool.host);
         for action in &tool.actions {
-            compile_action(w, tool, action, index);
-            index += 1;
+            compile_checks(w, tool, action);
         }
-    }
-    if policy.tools.is_empty() {
-        let _ = writeln!(
-            w,
-            "# No tools: every inspected request is denied (no_matching_action).\nmatches := {{}}\n\nactions := {{}}"
-        );
     }
     while out.ends_with("\n\n") {
         out.pop();
@@ -250,60 +247,132 @@ fn mode_str(policy: &Policy) -> &'static str {
     }
 }
 
-fn compile_action(w: &mut String, tool: &Tool, action: &Action, index: usize) {
-    let methods = match &action.methods {
+fn methods_str(action: &Action) -> String {
+    match &action.methods {
         Methods::Any => "*".to_owned(),
         Methods::Only(list) => list.join(","),
-    };
-    let name = lit(action.name.as_str());
-    let _ = writeln!(w, "# {} {} {}", action.name, methods, action.path.pattern);
-    let _ = writeln!(
-        w,
-        "matches[{index}] := {{\"tool\": {}, \"action\": {name}}} if {{",
-        lit(tool.name.as_str())
-    );
-    match tool.host {
-        super::FqdnPattern::Exact(ref h) => {
-            let _ = writeln!(w, "\tinput.host == {}", lit(h));
-        }
-        super::FqdnPattern::Wildcard(ref suffix) => {
-            let _ = writeln!(w, "\tendswith(input.host, {})", lit(suffix));
-        }
     }
-    match &action.methods {
-        Methods::Any => {}
-        Methods::Only(list) if list.len() == 1 => {
-            let _ = writeln!(w, "\tinput.method == {}", lit(&list[0]));
-        }
-        Methods::Only(list) => {
-            let set: Vec<String> = list.iter().map(|m| lit(m)).collect();
-            let _ = writeln!(w, "\tinput.method in {{{}}}", set.join(", "));
-        }
-    }
-    let _ = writeln!(
-        w,
-        "\tregex.match({}, input.path)\n}}\n",
-        re_lit(&action.path.regex)
-    );
+}
 
-    let reason = match action.decision {
-        L7Verdict::Allow => "allowed".to_owned(),
-        L7Verdict::Deny => format!("action_denied: {}", action.name),
-        L7Verdict::Sanitize => {
-            let names: Vec<&str> = action.sanitize.iter().map(|s| s.as_str()).collect();
-            format!("sanitize: {}", names.join(", "))
-        }
-        L7Verdict::ApprovalNeeded => format!("approval_required: {}", action.name),
-    };
-    let sanitize: Vec<String> = action.sanitize.iter().map(|s| lit(s.as_str())).collect();
-    let checks_params = !action.params.is_empty();
+/// `route`: the first action whose host, method and path match, in file order, as one `else`
+/// chain; undefined when none matches (the `else` chain is what regorus's RVM compiles; partial
+/// object rules with constant keys it does not).
+fn compile_route(w: &mut String, policy: &Policy) {
+    let actions: Vec<(&Tool, &Action)> = policy
+        .tools
+        .iter()
+        .flat_map(|t| t.actions.iter().map(move |a| (t, a)))
+        .collect();
+    if actions.is_empty() {
+        let _ = writeln!(
+            w,
+            "# No tools: every inspected request is denied (no_matching_action).\ndefault route := false\n"
+        );
+        return;
+    }
     let _ = writeln!(
         w,
-        "actions[{name}] := {{\n\t\"decision\": {},\n\t\"reason\": {},\n\t\"sanitize\": [{}],\n\t\"price_usd\": {},\n\t\"checks_params\": {checks_params},\n}}\n",
-        lit(action.decision.as_str()),
-        lit(&reason),
-        sanitize.join(", "),
-        action.price_usd.map_or_else(|| "null".to_owned(), num),
+        "# The first matching action, in file order; undefined when none matches."
+    );
+    for (i, (tool, action)) in actions.iter().enumerate() {
+        let _ = writeln!(
+            w,
+            "{}# {} {} {} {}\n{} {{\"tool\": {}, \"action\": {}}} if {{",
+            if i == 0 { "" } else { "\n" },
+            tool.name,
+            action.name,
+            methods_str(action),
+            action.path.pattern,
+            if i == 0 { "route :=" } else { "else :=" },
+            lit(tool.name.as_str()),
+            lit(action.name.as_str()),
+        );
+        match tool.host {
+            super::FqdnPattern::Exact(ref h) => {
+                let _ = writeln!(w, "\tinput.host == {}", lit(h));
+            }
+            super::FqdnPattern::Wildcard(ref suffix) => {
+                let _ = writeln!(w, "\tendswith(input.host, {})", lit(suffix));
+            }
+        }
+        match &action.methods {
+            Methods::Any => {}
+            Methods::Only(list) if list.len() == 1 => {
+                let _ = writeln!(w, "\tinput.method == {}", lit(&list[0]));
+            }
+            Methods::Only(list) => {
+                let set: Vec<String> = list.iter().map(|m| lit(m)).collect();
+                let _ = writeln!(w, "\tinput.method in {{{}}}", set.join(", "));
+            }
+        }
+        let _ = write!(w, "\t{}\n}}", path_condition(&action.path));
+    }
+    let _ = writeln!(w, "\n");
+}
+
+/// The Rego condition that `input.path` matches a path pattern: equality for a pattern without
+/// wildcards, `lib.path_under` for one whose only wildcard is a final `**`, the pattern's anchored
+/// regex otherwise. (Equality and prefix tests avoid a regex evaluation per request, which costs
+/// microseconds in regorus: a fresh lazy-DFA cache per call.)
+fn path_condition(path: &super::l7::PathPattern) -> String {
+    let pattern = path.pattern.as_str();
+    if !pattern.contains('*') {
+        return format!("input.path == {}", lit(pattern));
+    }
+    if let Some(prefix) = pattern.strip_suffix("/**")
+        && !prefix.contains('*')
+    {
+        return format!("lib.path_under(input.path, {})", lit(prefix));
+    }
+    format!("regex.match({}, input.path)", re_lit(&path.regex))
+}
+
+/// `actions`: every action's own decision, by name, as one object.
+fn compile_actions(w: &mut String, policy: &Policy) {
+    let _ = writeln!(
+        w,
+        "# Each action's own decision, before its constraints.\nactions := {{"
+    );
+    for tool in &policy.tools {
+        for action in &tool.actions {
+            let reason = match action.decision {
+                L7Verdict::Allow => "allowed".to_owned(),
+                L7Verdict::Deny => format!("action_denied: {}", action.name),
+                L7Verdict::Sanitize => {
+                    let names: Vec<&str> = action.sanitize.iter().map(|s| s.as_str()).collect();
+                    format!("sanitize: {}", names.join(", "))
+                }
+                L7Verdict::ApprovalNeeded => format!("approval_required: {}", action.name),
+            };
+            let sanitize: Vec<String> = action.sanitize.iter().map(|s| lit(s.as_str())).collect();
+            let _ = writeln!(
+                w,
+                "\t{}: {{\n\t\t\"decision\": {},\n\t\t\"reason\": {},\n\t\t\"sanitize\": [{}],\n\t\t\"price_usd\": {},\n\t\t\"checks_params\": {},\n\t}},",
+                lit(action.name.as_str()),
+                lit(action.decision.as_str()),
+                lit(&reason),
+                sanitize.join(", "),
+                action.price_usd.map_or_else(|| "null".to_owned(), num),
+                !action.params.is_empty(),
+            );
+        }
+    }
+    let _ = writeln!(w, "}}\n");
+}
+
+/// The violation rules of one action's parameter constraints and business hours.
+fn compile_checks(w: &mut String, tool: &Tool, action: &Action) {
+    if action.params.is_empty() && action.hours.is_none() {
+        return;
+    }
+    let name = lit(action.name.as_str());
+    let _ = writeln!(
+        w,
+        "# === {} {} {} {} ===\n",
+        tool.name,
+        action.name,
+        methods_str(action),
+        action.path.pattern
     );
     for (path, rule) in &action.params {
         compile_param(w, &name, path.as_str(), rule);
@@ -331,6 +400,8 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
     let effect = rule.on_violation.as_str();
     let p = lit(path);
     let each = format!("some x in input.params[{p}]");
+    // `input.numbers[p]` lists the same values as numbers, `null` where one is not a number.
+    let numbers = format!("some x in input.numbers[{p}]");
     let _ = writeln!(w, "# {path}: {}", describe_param(rule));
     if rule.required {
         violation(
@@ -347,7 +418,7 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
             action,
             effect,
             &format!("constraint_violated: {path} is not a number"),
-            &[each.clone(), "not lib.num(x)".to_owned()],
+            &[numbers.clone(), "not is_number(x)".to_owned()],
         );
     }
     if let Some(max) = rule.max {
@@ -356,7 +427,11 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
             action,
             effect,
             &format!("constraint_violated: {path} > max {}", num(max)),
-            &[each.clone(), format!("lib.num(x) > {}", num(max))],
+            &[
+                numbers.clone(),
+                "is_number(x)".to_owned(),
+                format!("x > {}", num(max)),
+            ],
         );
     }
     if let Some(min) = rule.min {
@@ -365,7 +440,11 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
             action,
             effect,
             &format!("constraint_violated: {path} < min {}", num(min)),
-            &[each.clone(), format!("lib.num(x) < {}", num(min))],
+            &[
+                numbers.clone(),
+                "is_number(x)".to_owned(),
+                format!("x < {}", num(min)),
+            ],
         );
     }
     if let Some(over) = rule.approval_needed_over {
@@ -374,7 +453,11 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
             action,
             "approval_needed",
             &format!("approval_needed: {path} > {}", num(over)),
-            &[each.clone(), format!("lib.num(x) > {}", num(over))],
+            &[
+                numbers.clone(),
+                "is_number(x)".to_owned(),
+                format!("x > {}", num(over)),
+            ],
         );
     }
     if let Some(values) = &rule.one_of {

@@ -399,3 +399,148 @@ fn the_engine_is_shareable() {
     fn shareable<T: Send + Sync>() {}
     shareable::<L7Engine>();
 }
+
+/// The interpreter, the reference implementation of Rego, reaches every shipped case's expected
+/// decision too (the RVM is checked by `shipped_policy_cases_pass`).
+#[test]
+fn shipped_policy_cases_pass_on_the_interpreter() {
+    let engine = example_engine();
+    let outcomes = run_cases_timed(&engine, &examples_dir(), 0, Backend::Interpreter)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let failures: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| o.failure.as_ref().map(|f| format!("{}: {f}", o.name)))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// RVM and interpreter agree on whole decisions, beyond the shipped cases: path patterns at
+/// their edges (exact, `**` at the root and below, `*` segments), numbers that are not plain
+/// decimals, enums, regexes, hooks, hours, shadow mode.
+#[test]
+fn the_vm_and_the_interpreter_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        &format!(
+            "{L7_HEAD}      - {{ name: exact, method: POST, path: /v1/pay }}\n      - name: num\n        method: POST\n        path: /v1/num\n        params:\n          n: {{ required: true, min: -5, max: 100, approval_needed_over: 50 }}\n          c: {{ enum: [a, 5, true] }}\n          r: {{ regex: \"x[0-9]+\" }}\n      - {{ name: seg, method: [GET, PUT], path: /v1/*/item/* }}\n      - {{ name: under, method: GET, path: /v1/** }}\n      - {{ name: root, method: \"*\", path: /** , decision: approval_needed }}\n"
+        ),
+    );
+    write(
+        dir.path(),
+        "a.rego",
+        "package aegis.ext.a\n\nimport rego.v1\n\ndeny contains \"hook: n is 13\" if 13 in input.numbers.n\n",
+    );
+    write(
+        dir.path(),
+        "b.yaml",
+        "agent: b\nversion: 4\nmode: shadow\negress:\n  - fqdn: \"*.example.org\"\n    inspect: true\ntools:\n  - name: w\n    host: \"*.example.org\"\n    actions:\n      - name: post\n        method: POST\n        path: /post\n        hours: { days: [mon-fri], from: \"09:00\", to: \"17:00\", tz: Europe/Paris }\n        params:\n          channel: { enum: [\"#a\"] }\n",
+    );
+    let set = PolicySet::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let engine = L7Engine::build_with_limit(&set, TEST_LIMIT).unwrap_or_else(|e| panic!("{e}"));
+    let paths = [
+        "/",
+        "/v1",
+        "/v1/",
+        "/v1x",
+        "/v1/pay",
+        "/v1/pay/",
+        "/v1/num",
+        "/v1/a/item/b",
+        "/v1/a/item/b/c",
+        "/v1//item/b",
+        "/x/y",
+        "/v1/%61",
+        "/post",
+    ];
+    let bodies: [&[u8]; 10] = [
+        b"",
+        br#"{"n": 7}"#,
+        br#"{"n": "7"}"#,
+        br#"{"n": 70}"#,
+        br#"{"n": "NaN"}"#,
+        br#"{"n": 1e3}"#,
+        br#"{"n": [1, "2", "1e2"], "c": 5, "r": "x12"}"#,
+        br#"{"n": 13, "c": "5", "r": 12}"#,
+        br##"{"channel": "#a", "n": -6}"##,
+        b"{not json",
+    ];
+    let mut compared = 0;
+    let mut reasons = std::collections::BTreeSet::new();
+    for agent in ["a", "b", "nobody"] {
+        for host in ["api.example.com", "API.example.com:443", "x.example.org"] {
+            for method in ["GET", "POST", "PUT"] {
+                for path in paths {
+                    for body in bodies {
+                        for secs in [1_736_175_600u64, 1_736_200_000] {
+                            let mut req = request(agent, host, method, path, body);
+                            req.time = std::time::SystemTime::UNIX_EPOCH
+                                + std::time::Duration::from_secs(secs);
+                            let vm = engine
+                                .decide_with(&req, Backend::Vm)
+                                .map_err(|e| e.to_string());
+                            let interp = engine
+                                .decide_with(&req, Backend::Interpreter)
+                                .map_err(|e| e.to_string());
+                            assert_eq!(
+                                vm,
+                                interp,
+                                "{agent} {host} {method} {path} {}",
+                                String::from_utf8_lossy(body)
+                            );
+                            if let Ok(d) = vm {
+                                reasons.insert(format!("{} {}", d.verdict, d.reason));
+                            }
+                            compared += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 3 * 3 * 3 * paths.len() * bodies.len() * 2);
+    // The inputs reach every kind of outcome, not one error or one verdict over and over.
+    for expected in [
+        "allow allowed",
+        "approval_needed approval_needed: n > 50",
+        "approval_needed approval_required: root",
+        "deny constraint_violated: n is not a number",
+        "deny constraint_violated: n < min -5",
+        "deny hook: n is 13",
+        "deny constraint_violated: n is required; malformed_body",
+        "deny constraint_violated: c not in [a, 5, true]; constraint_violated: r does not match",
+        "deny no_policy",
+        "deny host_not_inspected",
+        "allow no_matching_action",
+        "allow constraint_violated: outside business hours",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.starts_with(expected)),
+            "no decision like {expected:?} among {reasons:#?}"
+        );
+    }
+}
+
+/// A hook that never ends is stopped by the instruction limit and surfaces as an error (which
+/// the enforcer turns into a deny), not as an allow.
+#[test]
+fn a_runaway_evaluation_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.yaml",
+        &format!("{L7_HEAD}      - {{ name: act, method: GET, path: / }}\n"),
+    );
+    write(
+        dir.path(),
+        "a.rego",
+        "package aegis.ext.a\n\nimport rego.v1\n\ndeny contains \"big\" if {\n\tcount([x | some i in numbers.range(1, 3000000); x := i * 2]) > 0\n}\n",
+    );
+    let set = PolicySet::load_dir(dir.path()).unwrap();
+    let engine = L7Engine::build_with_limit(&set, TEST_LIMIT).unwrap_or_else(|e| panic!("{e}"));
+    let err = engine
+        .decide(&request("a", "api.example.com", "GET", "/", b""))
+        .expect_err("the limit stops it");
+    assert!(matches!(err, L7Error::Limit { .. }), "{err}");
+}

@@ -8,12 +8,20 @@ package aegis.lib
 import rego.v1
 
 # num(x): x as a number, for numbers and numeric strings ("5000", "-1.5"); undefined otherwise.
+# (For raw modules: generated rules read input.numbers, which the enforcer fills the same way.)
 num(x) := x if is_number(x)
 
 num(x) := to_number(x) if {
 	is_string(x)
 	regex.match(`^-?[0-9]{1,15}(\.[0-9]{1,15})?$`, x)
 }
+
+# path_under(path, prefix): path is prefix or below it (the pattern `/v1/**` is
+# path_under(input.path, "/v1"): it matches `/v1`, `/v1/` and `/v1/x/y`). The prefix "" matches
+# every path.
+path_under(path, prefix) if path == prefix
+
+path_under(path, prefix) if startswith(path, concat("", [prefix, "/"]))
 
 # text(x): x as a string, for regex checks (numbers and booleans as they print).
 text(x) := x if is_string(x)

@@ -9,7 +9,36 @@ import data.aegis.lib
 policy := {"agent": "devops-agent", "tenant": null, "version": 2, "mode": "enforce"}
 
 # The first matching action, in file order; undefined when none matches.
-route := matches[min({i | matches[i]})]
+# deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches
+route := {"tool": "deploy-service", "action": "dispatch_deploy"} if {
+	input.host == "api.github.com"
+	input.method == "POST"
+	regex.match(`^/repos/acme/[^/]+/actions/workflows/deploy\.yml/dispatches$`, input.path)
+}
+# deploy-service read_repos GET /repos/acme/**
+else := {"tool": "deploy-service", "action": "read_repos"} if {
+	input.host == "api.github.com"
+	input.method == "GET"
+	lib.path_under(input.path, "/repos/acme")
+}
+
+# Each action's own decision, before its constraints.
+actions := {
+	"dispatch_deploy": {
+		"decision": "allow",
+		"reason": "allowed",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": true,
+	},
+	"read_repos": {
+		"decision": "allow",
+		"reason": "allowed",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": false,
+	},
+}
 
 decision := lib.decide(policy, route, actions[route.action], violations) if route
 
@@ -21,22 +50,7 @@ violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ",
 	input.body_error
 }
 
-# === tool deploy-service (api.github.com) ===
-
-# dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches
-matches[0] := {"tool": "deploy-service", "action": "dispatch_deploy"} if {
-	input.host == "api.github.com"
-	input.method == "POST"
-	regex.match(`^/repos/acme/[^/]+/actions/workflows/deploy\.yml/dispatches$`, input.path)
-}
-
-actions["dispatch_deploy"] := {
-	"decision": "allow",
-	"reason": "allowed",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": true,
-}
+# === deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches ===
 
 # inputs.environment: required, 1 allowed value(s); on violation approval_needed
 violations contains {"effect": "approval_needed", "reason": "constraint_violated: inputs.environment is required"} if {
@@ -60,19 +74,4 @@ violations contains {"effect": "deny", "reason": "constraint_violated: ref does 
 	route.action == "dispatch_deploy"
 	some x in input.params["ref"]
 	not regex.match(`^(?:main|release/[0-9]+\.[0-9]+)$`, lib.text(x))
-}
-
-# read_repos GET /repos/acme/**
-matches[1] := {"tool": "deploy-service", "action": "read_repos"} if {
-	input.host == "api.github.com"
-	input.method == "GET"
-	regex.match(`^/repos/acme(/.*)?$`, input.path)
-}
-
-actions["read_repos"] := {
-	"decision": "allow",
-	"reason": "allowed",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": false,
 }

@@ -9,7 +9,62 @@ import data.aegis.lib
 policy := {"agent": "finance-agent", "tenant": null, "version": 2, "mode": "enforce"}
 
 # The first matching action, in file order; undefined when none matches.
-route := matches[min({i | matches[i]})]
+# stripe-payments create_payment POST /v1/payment_intents
+route := {"tool": "stripe-payments", "action": "create_payment"} if {
+	input.host == "api.stripe.com"
+	input.method == "POST"
+	input.path == "/v1/payment_intents"
+}
+# stripe-payments create_refund POST /v1/refunds
+else := {"tool": "stripe-payments", "action": "create_refund"} if {
+	input.host == "api.stripe.com"
+	input.method == "POST"
+	input.path == "/v1/refunds"
+}
+# stripe-payments read GET,HEAD /v1/**
+else := {"tool": "stripe-payments", "action": "read"} if {
+	input.host == "api.stripe.com"
+	input.method in {"GET", "HEAD"}
+	lib.path_under(input.path, "/v1")
+}
+# slack-receipts post_receipt POST /services/**
+else := {"tool": "slack-receipts", "action": "post_receipt"} if {
+	input.host == "hooks.slack.com"
+	input.method == "POST"
+	lib.path_under(input.path, "/services")
+}
+
+# Each action's own decision, before its constraints.
+actions := {
+	"create_payment": {
+		"decision": "allow",
+		"reason": "allowed",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": true,
+	},
+	"create_refund": {
+		"decision": "approval_needed",
+		"reason": "approval_required: create_refund",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": false,
+	},
+	"read": {
+		"decision": "allow",
+		"reason": "allowed",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": false,
+	},
+	"post_receipt": {
+		"decision": "sanitize",
+		"reason": "sanitize: email, phone, ssn, card, iban, account_number",
+		"sanitize": ["email", "phone", "ssn", "card", "iban", "account_number"],
+		"price_usd": null,
+		"checks_params": false,
+	},
+}
 
 decision := lib.decide(policy, route, actions[route.action], violations) if route
 
@@ -30,22 +85,7 @@ violations contains {"effect": "approval_needed", "reason": reason} if {
 	some reason in data.aegis.ext.finance_agent.approval_needed
 }
 
-# === tool stripe-payments (api.stripe.com) ===
-
-# create_payment POST /v1/payment_intents
-matches[0] := {"tool": "stripe-payments", "action": "create_payment"} if {
-	input.host == "api.stripe.com"
-	input.method == "POST"
-	regex.match(`^/v1/payment_intents$`, input.path)
-}
-
-actions["create_payment"] := {
-	"decision": "allow",
-	"reason": "allowed",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": true,
-}
+# === stripe-payments create_payment POST /v1/payment_intents ===
 
 # amount: required, min 1, max 100000, approval needed over 5000; on violation deny
 violations contains {"effect": "deny", "reason": "constraint_violated: amount is required"} if {
@@ -55,26 +95,29 @@ violations contains {"effect": "deny", "reason": "constraint_violated: amount is
 
 violations contains {"effect": "deny", "reason": "constraint_violated: amount is not a number"} if {
 	route.action == "create_payment"
-	some x in input.params["amount"]
-	not lib.num(x)
+	some x in input.numbers["amount"]
+	not is_number(x)
 }
 
 violations contains {"effect": "deny", "reason": "constraint_violated: amount > max 100000"} if {
 	route.action == "create_payment"
-	some x in input.params["amount"]
-	lib.num(x) > 100000
+	some x in input.numbers["amount"]
+	is_number(x)
+	x > 100000
 }
 
 violations contains {"effect": "deny", "reason": "constraint_violated: amount < min 1"} if {
 	route.action == "create_payment"
-	some x in input.params["amount"]
-	lib.num(x) < 1
+	some x in input.numbers["amount"]
+	is_number(x)
+	x < 1
 }
 
 violations contains {"effect": "approval_needed", "reason": "approval_needed: amount > 5000"} if {
 	route.action == "create_payment"
-	some x in input.params["amount"]
-	lib.num(x) > 5000
+	some x in input.numbers["amount"]
+	is_number(x)
+	x > 5000
 }
 
 # currency: required, 3 allowed value(s); on violation deny
@@ -94,51 +137,4 @@ violations contains {"effect": "deny", "reason": "constraint_violated: customer 
 	route.action == "create_payment"
 	some x in input.params["customer"]
 	not regex.match(`^(?:cus_[A-Za-z0-9]{8,32})$`, lib.text(x))
-}
-
-# create_refund POST /v1/refunds
-matches[1] := {"tool": "stripe-payments", "action": "create_refund"} if {
-	input.host == "api.stripe.com"
-	input.method == "POST"
-	regex.match(`^/v1/refunds$`, input.path)
-}
-
-actions["create_refund"] := {
-	"decision": "approval_needed",
-	"reason": "approval_required: create_refund",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": false,
-}
-
-# read GET,HEAD /v1/**
-matches[2] := {"tool": "stripe-payments", "action": "read"} if {
-	input.host == "api.stripe.com"
-	input.method in {"GET", "HEAD"}
-	regex.match(`^/v1(/.*)?$`, input.path)
-}
-
-actions["read"] := {
-	"decision": "allow",
-	"reason": "allowed",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": false,
-}
-
-# === tool slack-receipts (hooks.slack.com) ===
-
-# post_receipt POST /services/**
-matches[3] := {"tool": "slack-receipts", "action": "post_receipt"} if {
-	input.host == "hooks.slack.com"
-	input.method == "POST"
-	regex.match(`^/services(/.*)?$`, input.path)
-}
-
-actions["post_receipt"] := {
-	"decision": "sanitize",
-	"reason": "sanitize: email, phone, ssn, card, iban, account_number",
-	"sanitize": ["email", "phone", "ssn", "card", "iban", "account_number"],
-	"price_usd": null,
-	"checks_params": false,
 }

@@ -9,7 +9,49 @@ import data.aegis.lib
 policy := {"agent": "llm-agent", "tenant": null, "version": 2, "mode": "enforce"}
 
 # The first matching action, in file order; undefined when none matches.
-route := matches[min({i | matches[i]})]
+# openai-api chat_completions POST /v1/chat/completions
+route := {"tool": "openai-api", "action": "chat_completions"} if {
+	input.host == "api.openai.com"
+	input.method == "POST"
+	input.path == "/v1/chat/completions"
+}
+# openai-api list_models GET /v1/models
+else := {"tool": "openai-api", "action": "list_models"} if {
+	input.host == "api.openai.com"
+	input.method == "GET"
+	input.path == "/v1/models"
+}
+# anthropic-api messages POST /v1/messages
+else := {"tool": "anthropic-api", "action": "messages"} if {
+	input.host == "api.anthropic.com"
+	input.method == "POST"
+	input.path == "/v1/messages"
+}
+
+# Each action's own decision, before its constraints.
+actions := {
+	"chat_completions": {
+		"decision": "sanitize",
+		"reason": "sanitize: email, phone, ssn, card, api_key",
+		"sanitize": ["email", "phone", "ssn", "card", "api_key"],
+		"price_usd": 0.002,
+		"checks_params": true,
+	},
+	"list_models": {
+		"decision": "allow",
+		"reason": "allowed",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": false,
+	},
+	"messages": {
+		"decision": "allow",
+		"reason": "allowed",
+		"sanitize": [],
+		"price_usd": 0.003,
+		"checks_params": true,
+	},
+}
 
 decision := lib.decide(policy, route, actions[route.action], violations) if route
 
@@ -21,40 +63,27 @@ violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ",
 	input.body_error
 }
 
-# === tool openai-api (api.openai.com) ===
-
-# chat_completions POST /v1/chat/completions
-matches[0] := {"tool": "openai-api", "action": "chat_completions"} if {
-	input.host == "api.openai.com"
-	input.method == "POST"
-	regex.match(`^/v1/chat/completions$`, input.path)
-}
-
-actions["chat_completions"] := {
-	"decision": "sanitize",
-	"reason": "sanitize: email, phone, ssn, card, api_key",
-	"sanitize": ["email", "phone", "ssn", "card", "api_key"],
-	"price_usd": 0.002,
-	"checks_params": true,
-}
+# === openai-api chat_completions POST /v1/chat/completions ===
 
 # max_tokens: min 1, max 4096; on violation deny
 violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens is not a number"} if {
 	route.action == "chat_completions"
-	some x in input.params["max_tokens"]
-	not lib.num(x)
+	some x in input.numbers["max_tokens"]
+	not is_number(x)
 }
 
 violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens > max 4096"} if {
 	route.action == "chat_completions"
-	some x in input.params["max_tokens"]
-	lib.num(x) > 4096
+	some x in input.numbers["max_tokens"]
+	is_number(x)
+	x > 4096
 }
 
 violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens < min 1"} if {
 	route.action == "chat_completions"
-	some x in input.params["max_tokens"]
-	lib.num(x) < 1
+	some x in input.numbers["max_tokens"]
+	is_number(x)
+	x < 1
 }
 
 # model: required, 1 allowed value(s); on violation deny
@@ -72,47 +101,18 @@ violations contains {"effect": "deny", "reason": "constraint_violated: model not
 # n: max 1; on violation deny
 violations contains {"effect": "deny", "reason": "constraint_violated: n is not a number"} if {
 	route.action == "chat_completions"
-	some x in input.params["n"]
-	not lib.num(x)
+	some x in input.numbers["n"]
+	not is_number(x)
 }
 
 violations contains {"effect": "deny", "reason": "constraint_violated: n > max 1"} if {
 	route.action == "chat_completions"
-	some x in input.params["n"]
-	lib.num(x) > 1
+	some x in input.numbers["n"]
+	is_number(x)
+	x > 1
 }
 
-# list_models GET /v1/models
-matches[1] := {"tool": "openai-api", "action": "list_models"} if {
-	input.host == "api.openai.com"
-	input.method == "GET"
-	regex.match(`^/v1/models$`, input.path)
-}
-
-actions["list_models"] := {
-	"decision": "allow",
-	"reason": "allowed",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": false,
-}
-
-# === tool anthropic-api (api.anthropic.com) ===
-
-# messages POST /v1/messages
-matches[2] := {"tool": "anthropic-api", "action": "messages"} if {
-	input.host == "api.anthropic.com"
-	input.method == "POST"
-	regex.match(`^/v1/messages$`, input.path)
-}
-
-actions["messages"] := {
-	"decision": "allow",
-	"reason": "allowed",
-	"sanitize": [],
-	"price_usd": 0.003,
-	"checks_params": true,
-}
+# === anthropic-api messages POST /v1/messages ===
 
 # max_tokens: required, min 1, max 4096; on violation deny
 violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens is required"} if {
@@ -122,20 +122,22 @@ violations contains {"effect": "deny", "reason": "constraint_violated: max_token
 
 violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens is not a number"} if {
 	route.action == "messages"
-	some x in input.params["max_tokens"]
-	not lib.num(x)
+	some x in input.numbers["max_tokens"]
+	not is_number(x)
 }
 
 violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens > max 4096"} if {
 	route.action == "messages"
-	some x in input.params["max_tokens"]
-	lib.num(x) > 4096
+	some x in input.numbers["max_tokens"]
+	is_number(x)
+	x > 4096
 }
 
 violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens < min 1"} if {
 	route.action == "messages"
-	some x in input.params["max_tokens"]
-	lib.num(x) < 1
+	some x in input.numbers["max_tokens"]
+	is_number(x)
+	x < 1
 }
 
 # model: required, regex claude-3-5-haiku(-latest|-[0-9]{8})?; on violation deny

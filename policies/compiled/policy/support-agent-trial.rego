@@ -9,7 +9,23 @@ import data.aegis.lib
 policy := {"agent": "support-agent", "tenant": "trial", "version": 1, "mode": "shadow"}
 
 # The first matching action, in file order; undefined when none matches.
-route := matches[min({i | matches[i]})]
+# slack chat.postMessage POST /api/chat.postMessage
+route := {"tool": "slack", "action": "chat.postMessage"} if {
+	input.host == "slack.com"
+	input.method == "POST"
+	input.path == "/api/chat.postMessage"
+}
+
+# Each action's own decision, before its constraints.
+actions := {
+	"chat.postMessage": {
+		"decision": "sanitize",
+		"reason": "sanitize: email, phone, ssn, card",
+		"sanitize": ["email", "phone", "ssn", "card"],
+		"price_usd": null,
+		"checks_params": true,
+	},
+}
 
 decision := lib.decide(policy, route, actions[route.action], violations) if route
 
@@ -21,22 +37,7 @@ violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ",
 	input.body_error
 }
 
-# === tool slack (slack.com) ===
-
-# chat.postMessage POST /api/chat.postMessage
-matches[0] := {"tool": "slack", "action": "chat.postMessage"} if {
-	input.host == "slack.com"
-	input.method == "POST"
-	regex.match(`^/api/chat\.postMessage$`, input.path)
-}
-
-actions["chat.postMessage"] := {
-	"decision": "sanitize",
-	"reason": "sanitize: email, phone, ssn, card",
-	"sanitize": ["email", "phone", "ssn", "card"],
-	"price_usd": null,
-	"checks_params": true,
-}
+# === slack chat.postMessage POST /api/chat.postMessage ===
 
 # channel: required, regex #(support|support-[a-z0-9-]+); on violation deny
 violations contains {"effect": "deny", "reason": "constraint_violated: channel is required"} if {

@@ -9,7 +9,62 @@ import data.aegis.lib
 policy := {"agent": "support-agent", "tenant": null, "version": 2, "mode": "enforce"}
 
 # The first matching action, in file order; undefined when none matches.
-route := matches[min({i | matches[i]})]
+# slack chat.postMessage POST /api/chat.postMessage
+route := {"tool": "slack", "action": "chat.postMessage"} if {
+	input.host == "slack.com"
+	input.method == "POST"
+	input.path == "/api/chat.postMessage"
+}
+# zendesk read_tickets GET /api/v2/tickets/**
+else := {"tool": "zendesk", "action": "read_tickets"} if {
+	input.host == "api.zendesk.com"
+	input.method == "GET"
+	lib.path_under(input.path, "/api/v2/tickets")
+}
+# zendesk update_ticket PUT /api/v2/tickets/*
+else := {"tool": "zendesk", "action": "update_ticket"} if {
+	input.host == "api.zendesk.com"
+	input.method == "PUT"
+	regex.match(`^/api/v2/tickets/[^/]+$`, input.path)
+}
+# zendesk delete_ticket DELETE /api/v2/tickets/*
+else := {"tool": "zendesk", "action": "delete_ticket"} if {
+	input.host == "api.zendesk.com"
+	input.method == "DELETE"
+	regex.match(`^/api/v2/tickets/[^/]+$`, input.path)
+}
+
+# Each action's own decision, before its constraints.
+actions := {
+	"chat.postMessage": {
+		"decision": "sanitize",
+		"reason": "sanitize: email, phone, ssn, card",
+		"sanitize": ["email", "phone", "ssn", "card"],
+		"price_usd": null,
+		"checks_params": true,
+	},
+	"read_tickets": {
+		"decision": "allow",
+		"reason": "allowed",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": false,
+	},
+	"update_ticket": {
+		"decision": "allow",
+		"reason": "allowed",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": true,
+	},
+	"delete_ticket": {
+		"decision": "deny",
+		"reason": "action_denied: delete_ticket",
+		"sanitize": [],
+		"price_usd": null,
+		"checks_params": false,
+	},
+}
 
 decision := lib.decide(policy, route, actions[route.action], violations) if route
 
@@ -21,22 +76,7 @@ violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ",
 	input.body_error
 }
 
-# === tool slack (slack.com) ===
-
-# chat.postMessage POST /api/chat.postMessage
-matches[0] := {"tool": "slack", "action": "chat.postMessage"} if {
-	input.host == "slack.com"
-	input.method == "POST"
-	regex.match(`^/api/chat\.postMessage$`, input.path)
-}
-
-actions["chat.postMessage"] := {
-	"decision": "sanitize",
-	"reason": "sanitize: email, phone, ssn, card",
-	"sanitize": ["email", "phone", "ssn", "card"],
-	"price_usd": null,
-	"checks_params": true,
-}
+# === slack chat.postMessage POST /api/chat.postMessage ===
 
 # channel: required, 1 allowed value(s); on violation deny
 violations contains {"effect": "deny", "reason": "constraint_violated: channel is required"} if {
@@ -56,37 +96,7 @@ violations contains {"effect": "deny", "reason": "constraint_violated: outside b
 	not lib.within_hours(input.time_ns, "America/New_York", {"Monday", "Tuesday", "Wednesday", "Thursday", "Friday"}, 540, 1080)
 }
 
-# === tool zendesk (api.zendesk.com) ===
-
-# read_tickets GET /api/v2/tickets/**
-matches[1] := {"tool": "zendesk", "action": "read_tickets"} if {
-	input.host == "api.zendesk.com"
-	input.method == "GET"
-	regex.match(`^/api/v2/tickets(/.*)?$`, input.path)
-}
-
-actions["read_tickets"] := {
-	"decision": "allow",
-	"reason": "allowed",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": false,
-}
-
-# update_ticket PUT /api/v2/tickets/*
-matches[2] := {"tool": "zendesk", "action": "update_ticket"} if {
-	input.host == "api.zendesk.com"
-	input.method == "PUT"
-	regex.match(`^/api/v2/tickets/[^/]+$`, input.path)
-}
-
-actions["update_ticket"] := {
-	"decision": "allow",
-	"reason": "allowed",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": true,
-}
+# === zendesk update_ticket PUT /api/v2/tickets/* ===
 
 # ticket.priority: 3 allowed value(s); on violation approval_needed
 violations contains {"effect": "approval_needed", "reason": "constraint_violated: ticket.priority not in [low, normal, high]"} if {
@@ -100,19 +110,4 @@ violations contains {"effect": "deny", "reason": "constraint_violated: ticket.st
 	route.action == "update_ticket"
 	some x in input.params["ticket.status"]
 	not x in {"open", "pending", "solved"}
-}
-
-# delete_ticket DELETE /api/v2/tickets/*
-matches[3] := {"tool": "zendesk", "action": "delete_ticket"} if {
-	input.host == "api.zendesk.com"
-	input.method == "DELETE"
-	regex.match(`^/api/v2/tickets/[^/]+$`, input.path)
-}
-
-actions["delete_ticket"] := {
-	"decision": "deny",
-	"reason": "action_denied: delete_ticket",
-	"sanitize": [],
-	"price_usd": null,
-	"checks_params": false,
 }
