@@ -9,9 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::policy::{
-    Backend, CaseOutcome, L7Engine, PolicyErrors, PolicySet, compile_bundle, run_cases,
-};
+use crate::policy::{Backend, L7Engine, PolicyErrors, PolicySet, compile_bundle, run_cases};
 
 /// Loads the directory and builds the L7 engine; prints the errors and returns `None` when
 /// either fails.
@@ -119,7 +117,7 @@ pub fn bench(dir: &Path, iterations: u32) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     };
     let mut runs = Vec::new();
-    for backend in [Backend::Vm, Backend::Vm] {
+    for backend in [Backend::Vm, Backend::Interpreter] {
         match crate::policy::run_cases_timed(&engine, dir, iterations.max(1), backend) {
             Ok(o) => runs.push(o),
             Err(errors) => {
@@ -153,28 +151,25 @@ pub fn bench(dir: &Path, iterations: u32) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let summary = |outcomes: &[CaseOutcome]| {
-        let mut p99s: Vec<_> = outcomes
-            .iter()
-            .filter_map(|o| o.timing)
-            .map(|t| t.p99)
-            .collect();
-        p99s.sort();
-        p99s.last()
-            .map(|worst| (p99s[p99s.len() / 2], *worst, p99s.len()))
-    };
-    if let (Some((vm_median, vm_worst, n)), Some((in_median, in_worst, _))) =
-        (summary(vm), summary(interp))
-    {
-        println!(
-            "\n{n} cases, {iterations} decisions each. Per-case p99, median / worst: RVM {:.1} / {:.1} µs, interpreter {:.1} / {:.1} µs; RVM/interpreter {:.2}× / {:.2}×",
-            micros(vm_median),
-            micros(vm_worst),
-            micros(in_median),
-            micros(in_worst),
-            micros(vm_median) / micros(in_median),
-            micros(vm_worst) / micros(in_worst),
-        );
+    let mix = |backend| crate::policy::time_mix(&engine, dir, (iterations / 10).max(10), backend);
+    match (mix(Backend::Vm), mix(Backend::Interpreter)) {
+        (Ok(v), Ok(i)) => println!(
+            "\nAll {} cases' requests in turn, {} rounds: RVM p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs; interpreter p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs; RVM/interpreter p50 {:.2}×, p99 {:.2}×",
+            vm.len(),
+            (iterations / 10).max(10),
+            micros(v.p50),
+            micros(v.p99),
+            micros(v.p999),
+            micros(i.p50),
+            micros(i.p99),
+            micros(i.p999),
+            micros(v.p50) / micros(i.p50),
+            micros(v.p99) / micros(i.p99),
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
     }
     Ok(if failed {
         ExitCode::from(2)

@@ -74,15 +74,29 @@ pub struct CaseOutcome {
     pub name: String,
     /// `None`: passed; otherwise what differed.
     pub failure: Option<String>,
-    /// Decision latency (request building and checking included), when timed.
+    /// Decision latency ([`L7Engine::decide_with`]: input document, evaluation, decision), when
+    /// timed.
     pub timing: Option<Timing>,
 }
 
-/// Latency percentiles of one case's decision.
+/// Latency percentiles of decisions.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     pub p50: std::time::Duration,
     pub p99: std::time::Duration,
+    pub p999: std::time::Duration,
+}
+
+impl Timing {
+    /// Nearest-rank percentiles of sorted, non-empty samples.
+    fn of_sorted(samples: &[std::time::Duration]) -> Timing {
+        let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+        Timing {
+            p50: pct(0.50),
+            p99: pct(0.99),
+            p999: pct(0.999),
+        }
+    }
 }
 
 /// Runs every case file (`*.yaml`/`*.yml`) in `dir/tests/` against `engine`.
@@ -102,6 +116,58 @@ pub fn run_cases_timed(
     iterations: u32,
     backend: Backend,
 ) -> Result<Vec<CaseOutcome>, PolicyErrors> {
+    let mut outcomes = Vec::new();
+    for (file, case) in load_cases(dir)? {
+        let failure = run_case(engine, &case, backend).err();
+        let timing = (iterations > 0 && failure.is_none())
+            .then(|| time_case(engine, &case, iterations, backend))
+            .flatten();
+        outcomes.push(CaseOutcome {
+            file,
+            name: case.name,
+            failure,
+            timing,
+        });
+    }
+    Ok(outcomes)
+}
+
+/// Latency percentiles over the shipped mix of requests: every case's request decided in
+/// turn, `rounds` times (cases whose request cannot be decided are left out).
+///
+/// # Errors
+/// As [`run_cases`].
+pub fn time_mix(
+    engine: &L7Engine,
+    dir: &Path,
+    rounds: u32,
+    backend: Backend,
+) -> Result<Timing, PolicyErrors> {
+    let cases: Vec<Case> = load_cases(dir)?.into_iter().map(|(_, c)| c).collect();
+    let prepared: Vec<Prepared> = cases.iter().filter_map(|c| prepare(c).ok()).collect();
+    let requests: Vec<L7Request<'_>> = cases
+        .iter()
+        .zip(&prepared)
+        .map(|(c, p)| request(c, p))
+        .filter(|r| engine.decide_with(r, backend).is_ok())
+        .collect();
+    let mut samples = Vec::with_capacity(requests.len() * rounds as usize);
+    for round in 0..rounds.saturating_add(rounds / 10) {
+        for req in &requests {
+            let t = std::time::Instant::now();
+            std::hint::black_box(engine.decide_with(req, backend).ok());
+            // The first tenth of the rounds warms up.
+            if round >= rounds / 10 {
+                samples.push(t.elapsed());
+            }
+        }
+    }
+    samples.sort();
+    Ok(Timing::of_sorted(&samples))
+}
+
+/// Every case of every case file (`*.yaml`/`*.yml`) in `dir/tests/`, in file order.
+fn load_cases(dir: &Path) -> Result<Vec<(PathBuf, Case)>, PolicyErrors> {
     let tests = dir.join("tests");
     let whole = |file: &Path, message: String| {
         PolicyErrors(vec![PolicyError {
@@ -123,13 +189,13 @@ pub fn run_cases_timed(
     if files.is_empty() {
         return Err(whole(&tests, "no test case files (*.yaml)".into()));
     }
-    let mut outcomes = Vec::new();
+    let mut all = Vec::new();
     let mut errors = Vec::new();
     for file in files {
         let text =
             fs::read_to_string(&file).map_err(|e| whole(&file, format!("cannot read: {e}")))?;
-        let cases: Vec<Case> = match serde_norway::from_str(&text) {
-            Ok(cases) => cases,
+        match serde_norway::from_str::<Vec<Case>>(&text) {
+            Ok(cases) => all.extend(cases.into_iter().map(|c| (file.clone(), c))),
             Err(e) => {
                 let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
                 errors.push(PolicyError {
@@ -138,45 +204,24 @@ pub fn run_cases_timed(
                     column,
                     message: yaml_message(&e),
                 });
-                continue;
             }
-        };
-        for case in cases {
-            let failure = run_case(engine, &case, 0, backend).err();
-            let timing = (iterations > 0 && failure.is_none()).then(|| {
-                let mut samples = Vec::with_capacity(iterations as usize);
-                let _ = run_case(engine, &case, iterations.min(1000), backend); // warm-up
-                for _ in 0..iterations {
-                    let t = std::time::Instant::now();
-                    let _ = run_case(engine, &case, 0, backend);
-                    samples.push(t.elapsed());
-                }
-                samples.sort();
-                let pct =
-                    |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-                Timing {
-                    p50: pct(0.50),
-                    p99: pct(0.99),
-                }
-            });
-            outcomes.push(CaseOutcome {
-                file: file.clone(),
-                name: case.name,
-                failure,
-                timing,
-            });
         }
     }
     if errors.is_empty() {
-        Ok(outcomes)
+        Ok(all)
     } else {
         Err(PolicyErrors(errors))
     }
 }
 
-/// Decides the case's request (`1 + repeat` times) and compares the last decision with the
-/// expectation.
-fn run_case(engine: &L7Engine, case: &Case, repeat: u32, backend: Backend) -> Result<(), String> {
+/// The case's request, owned: body bytes, content type and arrival time.
+struct Prepared {
+    body: Vec<u8>,
+    content_type: Option<String>,
+    time: SystemTime,
+}
+
+fn prepare(case: &Case) -> Result<Prepared, String> {
     let r = &case.request;
     let (body, content_type) = match &r.body {
         None => (Vec::new(), r.content_type.clone()),
@@ -192,24 +237,50 @@ fn run_case(engine: &L7Engine, case: &Case, repeat: u32, backend: Backend) -> Re
     let time: SystemTime = chrono::DateTime::parse_from_rfc3339(time)
         .map_err(|e| format!("bad request.time {time:?}: {e}"))?
         .into();
-    let req = L7Request {
+    Ok(Prepared {
+        body,
+        content_type,
+        time,
+    })
+}
+
+fn request<'a>(case: &'a Case, p: &'a Prepared) -> L7Request<'a> {
+    let r = &case.request;
+    L7Request {
         agent: &case.agent,
         tenant: &case.tenant,
         host: &r.host,
         method: &r.method,
         path: &r.path,
         query: r.query.as_deref(),
-        content_type: content_type.as_deref(),
-        body: &body,
-        time,
-    };
-    for _ in 0..repeat {
-        std::hint::black_box(
-            engine
-                .decide_with(&req, backend)
-                .map_err(|e| format!("error: {e}"))?,
-        );
+        content_type: p.content_type.as_deref(),
+        body: &p.body,
+        time: p.time,
     }
+}
+
+/// Latency percentiles of `iterations` decisions of the case's request (built once, outside
+/// the timed section: what is timed is [`L7Engine::decide_with`], input document included).
+fn time_case(engine: &L7Engine, case: &Case, iterations: u32, backend: Backend) -> Option<Timing> {
+    let prepared = prepare(case).ok()?;
+    let req = request(case, &prepared);
+    for _ in 0..iterations.min(1000) {
+        std::hint::black_box(engine.decide_with(&req, backend).ok()?);
+    }
+    let mut samples = Vec::with_capacity(iterations as usize);
+    for _ in 0..iterations {
+        let t = std::time::Instant::now();
+        std::hint::black_box(engine.decide_with(&req, backend).ok()?);
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Some(Timing::of_sorted(&samples))
+}
+
+/// Decides the case's request and compares the decision with the expectation.
+fn run_case(engine: &L7Engine, case: &Case, backend: Backend) -> Result<(), String> {
+    let prepared = prepare(case)?;
+    let req = request(case, &prepared);
     let d = engine
         .decide_with(&req, backend)
         .map_err(|e| format!("error: {e}"))?;

@@ -458,3 +458,14 @@ fn one_line(s: &str) -> String {
         .collect::<Vec<_>>()
         .join(" | ")
 }
+
+#[cfg(test)]
+#[test]
+fn scratch_listing() {
+    let set = super::PolicySet::load_dir(Path::new("/tmp/triv")).unwrap();
+    let e = L7Engine::build(&set).unwrap();
+    for p in e.programs.values() {
+        let cfg = regorus::rvm::AssemblyListingConfig::default();
+        println!("{}", regorus::rvm::generate_assembly_listing(p, &cfg));
+    }
+}

@@ -29,7 +29,7 @@ use std::{
 
 use ipnet::IpNet;
 
-pub use cases::{CaseOutcome, run_cases, run_cases_timed};
+pub use cases::{run_cases, run_cases_timed, time_mix};
 // The L7 enforcer's API; a caller names the types it needs.
 #[allow(
     unused_imports,

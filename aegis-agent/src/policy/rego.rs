@@ -229,9 +229,11 @@ pub fn compile_policy(policy: &Policy, has_ext: bool) -> String {
             ext = ext_package(policy)
         );
     }
+    let mut index = 0;
     for tool in &policy.tools {
         for action in &tool.actions {
-            compile_checks(w, tool, action);
+            compile_checks(w, tool, action, index);
+            index += 1;
         }
     }
     while out.ends_with("\n\n") {
@@ -360,33 +362,42 @@ fn compile_actions(w: &mut String, policy: &Policy) {
     let _ = writeln!(w, "}}\n");
 }
 
-/// The violation rules of one action's parameter constraints and business hours.
-fn compile_checks(w: &mut String, tool: &Tool, action: &Action) {
+/// The violation rules of one action's parameter constraints and business hours: a set rule of
+/// their own (`checks_<index>_<name>`), consulted through `violations` only when the request was
+/// routed to that action, so a request pays for its own action's checks only.
+fn compile_checks(w: &mut String, tool: &Tool, action: &Action, index: usize) {
     if action.params.is_empty() && action.hours.is_none() {
         return;
     }
-    let name = lit(action.name.as_str());
+    let ident: String = action
+        .name
+        .as_str()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let set = format!("checks_{index}_{ident}");
     let _ = writeln!(
         w,
-        "# === {} {} {} {} ===\n",
+        "# === {} {} {} {} ===\n\nviolations contains v if {{\n\troute.action == {}\n\tsome v in {set}\n}}\n",
         tool.name,
         action.name,
         methods_str(action),
-        action.path.pattern
+        action.path.pattern,
+        lit(action.name.as_str()),
     );
     for (path, rule) in &action.params {
-        compile_param(w, &name, path.as_str(), rule);
+        compile_param(w, &set, path.as_str(), rule);
     }
     if let Some(hours) = &action.hours {
-        compile_hours(w, &name, hours);
+        compile_hours(w, &set, hours);
     }
 }
 
-/// One violation rule.
-fn violation(w: &mut String, action: &str, effect: &str, reason: &str, body: &[String]) {
+/// One violation rule, added to the set rule `set`. `body` is never empty.
+fn violation(w: &mut String, set: &str, effect: &str, reason: &str, body: &[String]) {
     let _ = writeln!(
         w,
-        "violations contains {{\"effect\": {}, \"reason\": {}}} if {{\n\troute.action == {action}",
+        "{set} contains {{\"effect\": {}, \"reason\": {}}} if {{",
         lit(effect),
         lit(reason)
     );
@@ -396,7 +407,7 @@ fn violation(w: &mut String, action: &str, effect: &str, reason: &str, body: &[S
     let _ = writeln!(w, "}}\n");
 }
 
-fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
+fn compile_param(w: &mut String, set: &str, path: &str, rule: &ParamRule) {
     let effect = rule.on_violation.as_str();
     let p = lit(path);
     let each = format!("some x in input.params[{p}]");
@@ -406,7 +417,7 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
     if rule.required {
         violation(
             w,
-            action,
+            set,
             effect,
             &format!("constraint_violated: {path} is required"),
             &[format!("not lib.present(input.params, {p})")],
@@ -415,7 +426,7 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
     if rule.min.is_some() || rule.max.is_some() || rule.approval_needed_over.is_some() {
         violation(
             w,
-            action,
+            set,
             effect,
             &format!("constraint_violated: {path} is not a number"),
             &[numbers.clone(), "not is_number(x)".to_owned()],
@@ -424,7 +435,7 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
     if let Some(max) = rule.max {
         violation(
             w,
-            action,
+            set,
             effect,
             &format!("constraint_violated: {path} > max {}", num(max)),
             &[
@@ -437,7 +448,7 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
     if let Some(min) = rule.min {
         violation(
             w,
-            action,
+            set,
             effect,
             &format!("constraint_violated: {path} < min {}", num(min)),
             &[
@@ -450,7 +461,7 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
     if let Some(over) = rule.approval_needed_over {
         violation(
             w,
-            action,
+            set,
             "approval_needed",
             &format!("approval_needed: {path} > {}", num(over)),
             &[
@@ -461,23 +472,23 @@ fn compile_param(w: &mut String, action: &str, path: &str, rule: &ParamRule) {
         );
     }
     if let Some(values) = &rule.one_of {
-        let set: Vec<String> = values.iter().map(ToString::to_string).collect();
+        let allowed: Vec<String> = values.iter().map(ToString::to_string).collect();
         let shown: Vec<String> = values
             .iter()
             .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
             .collect();
         violation(
             w,
-            action,
+            set,
             effect,
             &format!("constraint_violated: {path} not in [{}]", shown.join(", ")),
-            &[each.clone(), format!("not x in {{{}}}", set.join(", "))],
+            &[each.clone(), format!("not x in {{{}}}", allowed.join(", "))],
         );
     }
     if let Some(re) = &rule.regex {
         violation(
             w,
-            action,
+            set,
             effect,
             &format!("constraint_violated: {path} does not match {}", re.source),
             &[
@@ -518,7 +529,7 @@ fn describe_param(rule: &ParamRule) -> String {
     )
 }
 
-fn compile_hours(w: &mut String, action: &str, hours: &Hours) {
+fn compile_hours(w: &mut String, set: &str, hours: &Hours) {
     let days: Vec<String> = hours
         .days
         .iter()
@@ -527,7 +538,7 @@ fn compile_hours(w: &mut String, action: &str, hours: &Hours) {
     let _ = writeln!(w, "# business hours: {}", hours.describe());
     violation(
         w,
-        action,
+        set,
         hours.on_violation.as_str(),
         &format!(
             "constraint_violated: outside business hours ({})",
