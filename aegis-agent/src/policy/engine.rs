@@ -1,14 +1,17 @@
 //! The L7 decision engine: the policy set compiled to Rego and loaded into regorus once
 //! ([`L7Engine::build`]); each policy's `decision` rule is then compiled to a program for
-//! regorus's register VM (RVM). Per request, a fresh VM runs that program on the request's input
-//! document, under an instruction and a wall-clock limit ([`L7Engine::decide`]).
+//! regorus's register VM (RVM). Per request, the calling thread's VM runs that program on the
+//! request's input document, under an instruction and a wall-clock limit ([`L7Engine::decide`]);
+//! regorus resets a VM's evaluation state (rule results, registers, caches) at every execution,
+//! so nothing of one request reaches the next (the tests decide thousands of requests in a row
+//! on one thread and compare each with the interpreter's decision).
 //!
 //! The tree-walking interpreter stays available as [`Backend::Interpreter`]: tests run every
 //! shipped case through both and require the same decisions, and `policy bench` reports both.
 //!
 //! Invariants: a build either yields an engine that has compiled and prepared every module and
 //! program or every error with file and line; `decide` never blocks on another request (each
-//! evaluation owns its VM); an error from `decide` (evaluation failure, limit exceeded) must be
+//! thread owns its VM); an error from `decide` (evaluation failure, limit exceeded) must be
 //! treated by the caller as a deny — it is an `Err`, never an `Allow`.
 
 use std::{
@@ -42,7 +45,7 @@ pub const MAX_INSTRUCTIONS: usize = 1_000_000;
 /// Which regorus evaluator runs a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// The policy's `decision` rule compiled once to an RVM program; a fresh VM per request.
+    /// The policy's `decision` rule compiled once to an RVM program, run by a per-thread VM.
     /// What the enforcer uses.
     Vm,
     /// The tree-walking interpreter on a clone of the prepared engine. Kept as the reference
@@ -306,12 +309,24 @@ impl L7Engine {
     }
 
     fn run_program(&self, policy: &super::Policy, input: Value) -> Result<Value, L7Error> {
-        let mut vm = RegoVM::new();
-        vm.load_program(Arc::clone(&self.programs[&policy.rego_id]));
-        vm.set_max_instructions(MAX_INSTRUCTIONS);
-        vm.set_execution_timer_config(Some(self.limit));
-        vm.set_input(input);
-        vm.execute().map_err(|e| {
+        let program = &self.programs[&policy.rego_id];
+        let result = VM.with_borrow_mut(|slot| {
+            let vm = match slot {
+                Some((loaded, vm)) if Arc::ptr_eq(loaded, program) => vm,
+                _ => {
+                    let mut vm = RegoVM::new();
+                    vm.load_program(Arc::clone(program));
+                    vm.set_max_instructions(MAX_INSTRUCTIONS);
+                    vm.set_execution_timer_config(Some(self.limit));
+                    &mut slot.insert((Arc::clone(program), vm)).1
+                }
+            };
+            vm.set_input(input);
+            let result = vm.execute();
+            vm.set_input(Value::Null);
+            result
+        });
+        result.map_err(|e| {
             let message = e.to_string();
             match e {
                 VmError::InstructionLimitExceeded { .. }
@@ -350,6 +365,12 @@ impl L7Engine {
                 }
             })
     }
+}
+
+thread_local! {
+    /// The VM this thread last ran, with the program it holds: VMs reset their evaluation state
+    /// at every `execute`, and reusing one saves its setup per request.
+    static VM: std::cell::RefCell<Option<(Arc<Program>, RegoVM)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Compiles one decision rule of a prepared engine to an RVM program.
@@ -457,15 +478,4 @@ fn one_line(s: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" | ")
-}
-
-#[cfg(test)]
-#[test]
-fn scratch_listing() {
-    let set = super::PolicySet::load_dir(Path::new("/tmp/triv")).unwrap();
-    let e = L7Engine::build(&set).unwrap();
-    for p in e.programs.values() {
-        let cfg = regorus::rvm::AssemblyListingConfig::default();
-        println!("{}", regorus::rvm::generate_assembly_listing(p, &cfg));
-    }
 }

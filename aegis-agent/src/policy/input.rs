@@ -234,6 +234,14 @@ pub fn build(req: &L7Request<'_>, host: &str, path: &str) -> Value {
     put("host", Value::from(host));
     put("method", Value::from(req.method));
     put("path", Value::from(path));
+    // "/a/b/" → ["a", "b", ""]: what path patterns with `*` segments are matched against.
+    let segments: Vec<Value> = path
+        .strip_prefix('/')
+        .unwrap_or(path)
+        .split('/')
+        .map(Value::from)
+        .collect();
+    put("segments", Value::from(segments));
     put("time_ns", Value::from(time_ns));
     let numbers: BTreeMap<Value, Value> = params
         .values

@@ -307,26 +307,48 @@ fn compile_route(w: &mut String, policy: &Policy) {
                 let _ = writeln!(w, "\tinput.method in {{{}}}", set.join(", "));
             }
         }
-        let _ = write!(w, "\t{}\n}}", path_condition(&action.path));
+        for line in path_conditions(&action.path) {
+            let _ = writeln!(w, "\t{line}");
+        }
+        let _ = write!(w, "}}");
     }
     let _ = writeln!(w, "\n");
 }
 
-/// The Rego condition that `input.path` matches a path pattern: equality for a pattern without
-/// wildcards, `lib.path_under` for one whose only wildcard is a final `**`, the pattern's anchored
-/// regex otherwise. (Equality and prefix tests avoid a regex evaluation per request, which costs
-/// microseconds in regorus: a fresh lazy-DFA cache per call.)
-fn path_condition(path: &super::l7::PathPattern) -> String {
+/// The Rego conditions (one per line) that `input.path` matches a path pattern: equality for a
+/// pattern without wildcards, `lib.path_under` for one whose only wildcard is a final `**`,
+/// segment comparisons on `input.segments` otherwise (`*`: one non-empty segment; a final `**`:
+/// any number more). No regex: `regex.match` costs regorus a fresh lazy-DFA cache per call,
+/// microseconds per request. `path_patterns_route_as_their_regex` checks these conditions against
+/// [`super::l7::PathPattern::regex`].
+fn path_conditions(path: &super::l7::PathPattern) -> Vec<String> {
     let pattern = path.pattern.as_str();
     if !pattern.contains('*') {
-        return format!("input.path == {}", lit(pattern));
+        return vec![format!("input.path == {}", lit(pattern))];
     }
     if let Some(prefix) = pattern.strip_suffix("/**")
         && !prefix.contains('*')
     {
-        return format!("lib.path_under(input.path, {})", lit(prefix));
+        return vec![format!("lib.path_under(input.path, {})", lit(prefix))];
     }
-    format!("regex.match({}, input.path)", re_lit(&path.regex))
+    let mut segments: Vec<&str> = pattern[1..].split('/').collect();
+    let rest = segments.last() == Some(&"**");
+    if rest {
+        segments.pop();
+    }
+    let mut lines = vec![format!(
+        "count(input.segments) {} {}",
+        if rest { ">=" } else { "==" },
+        segments.len()
+    )];
+    for (i, seg) in segments.iter().enumerate() {
+        lines.push(if *seg == "*" {
+            format!("input.segments[{i}] != \"\"")
+        } else {
+            format!("input.segments[{i}] == {}", lit(seg))
+        });
+    }
+    lines
 }
 
 /// `actions`: every action's own decision, by name, as one object.

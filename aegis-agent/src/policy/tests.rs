@@ -544,3 +544,61 @@ fn a_runaway_evaluation_is_an_error() {
         .expect_err("the limit stops it");
     assert!(matches!(err, L7Error::Limit { .. }), "{err}");
 }
+
+/// The Rego route conditions (equality, `lib.path_under`, segment comparisons) pick the same
+/// first action as the path patterns' anchored regexes would.
+#[test]
+fn path_patterns_route_as_their_regex() {
+    let patterns = [
+        "/",
+        "/a",
+        "/a/b",
+        "/a/*",
+        "/a/*/c",
+        "/a/*/**",
+        "/a/**",
+        "/*",
+        "/*/*/**",
+        "/b/c.d/**",
+        "/**",
+    ];
+    let paths = [
+        "/", "/a", "/a/", "/a/b", "/a/b/", "/a/x", "/a//c", "/a/x/c", "/a/x/c/", "/a/x/y/z", "/ab",
+        "/b", "/b/c.d", "/b/c.d/e", "/b/cxd/e", "/x/y", "/x//", "//", "/a/b/c/d",
+    ];
+    for start in 0..patterns.len() {
+        // Each rotation puts another pattern first, so every pattern gets to win somewhere.
+        let order: Vec<&str> = patterns[start..]
+            .iter()
+            .chain(&patterns[..start])
+            .copied()
+            .collect();
+        let actions: String = order
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("      - {{ name: p{i}, method: GET, path: \"{p}\" }}\n"))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &format!("{L7_HEAD}{actions}"));
+        let set = PolicySet::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let engine = L7Engine::build_with_limit(&set, TEST_LIMIT).unwrap_or_else(|e| panic!("{e}"));
+        let policy = set.for_identity("a", "default").unwrap();
+        let regexes: Vec<regex::Regex> = policy.tools[0]
+            .actions
+            .iter()
+            .map(|a| regex::Regex::new(&a.path.regex).unwrap())
+            .collect();
+        for path in paths {
+            let expected = regexes
+                .iter()
+                .position(|r| r.is_match(path))
+                .map(|i| format!("p{i}"));
+            for backend in [Backend::Vm, Backend::Interpreter] {
+                let d = engine
+                    .decide_with(&request("a", "api.example.com", "GET", path, b""), backend)
+                    .unwrap();
+                assert_eq!(d.action, expected, "{path} with {order:?} ({backend:?})");
+            }
+        }
+    }
+}

@@ -13,7 +13,14 @@ policy := {"agent": "devops-agent", "tenant": null, "version": 2, "mode": "enfor
 route := {"tool": "deploy-service", "action": "dispatch_deploy"} if {
 	input.host == "api.github.com"
 	input.method == "POST"
-	regex.match(`^/repos/acme/[^/]+/actions/workflows/deploy\.yml/dispatches$`, input.path)
+	count(input.segments) == 7
+	input.segments[0] == "repos"
+	input.segments[1] == "acme"
+	input.segments[2] != ""
+	input.segments[3] == "actions"
+	input.segments[4] == "workflows"
+	input.segments[5] == "deploy.yml"
+	input.segments[6] == "dispatches"
 }
 # deploy-service read_repos GET /repos/acme/**
 else := {"tool": "deploy-service", "action": "read_repos"} if {
@@ -52,26 +59,27 @@ violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ",
 
 # === deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches ===
 
-# inputs.environment: required, 1 allowed value(s); on violation approval_needed
-violations contains {"effect": "approval_needed", "reason": "constraint_violated: inputs.environment is required"} if {
+violations contains v if {
 	route.action == "dispatch_deploy"
+	some v in checks_0_dispatch_deploy
+}
+
+# inputs.environment: required, 1 allowed value(s); on violation approval_needed
+checks_0_dispatch_deploy contains {"effect": "approval_needed", "reason": "constraint_violated: inputs.environment is required"} if {
 	not lib.present(input.params, "inputs.environment")
 }
 
-violations contains {"effect": "approval_needed", "reason": "constraint_violated: inputs.environment not in [staging]"} if {
-	route.action == "dispatch_deploy"
+checks_0_dispatch_deploy contains {"effect": "approval_needed", "reason": "constraint_violated: inputs.environment not in [staging]"} if {
 	some x in input.params["inputs.environment"]
 	not x in {"staging"}
 }
 
 # ref: required, regex main|release/[0-9]+\.[0-9]+; on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: ref is required"} if {
-	route.action == "dispatch_deploy"
+checks_0_dispatch_deploy contains {"effect": "deny", "reason": "constraint_violated: ref is required"} if {
 	not lib.present(input.params, "ref")
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: ref does not match main|release/[0-9]+\\.[0-9]+"} if {
-	route.action == "dispatch_deploy"
+checks_0_dispatch_deploy contains {"effect": "deny", "reason": "constraint_violated: ref does not match main|release/[0-9]+\\.[0-9]+"} if {
 	some x in input.params["ref"]
 	not regex.match(`^(?:main|release/[0-9]+\.[0-9]+)$`, lib.text(x))
 }

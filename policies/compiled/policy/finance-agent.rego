@@ -87,54 +87,51 @@ violations contains {"effect": "approval_needed", "reason": reason} if {
 
 # === stripe-payments create_payment POST /v1/payment_intents ===
 
-# amount: required, min 1, max 100000, approval needed over 5000; on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: amount is required"} if {
+violations contains v if {
 	route.action == "create_payment"
+	some v in checks_0_create_payment
+}
+
+# amount: required, min 1, max 100000, approval needed over 5000; on violation deny
+checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: amount is required"} if {
 	not lib.present(input.params, "amount")
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: amount is not a number"} if {
-	route.action == "create_payment"
+checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: amount is not a number"} if {
 	some x in input.numbers["amount"]
 	not is_number(x)
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: amount > max 100000"} if {
-	route.action == "create_payment"
+checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: amount > max 100000"} if {
 	some x in input.numbers["amount"]
 	is_number(x)
 	x > 100000
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: amount < min 1"} if {
-	route.action == "create_payment"
+checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: amount < min 1"} if {
 	some x in input.numbers["amount"]
 	is_number(x)
 	x < 1
 }
 
-violations contains {"effect": "approval_needed", "reason": "approval_needed: amount > 5000"} if {
-	route.action == "create_payment"
+checks_0_create_payment contains {"effect": "approval_needed", "reason": "approval_needed: amount > 5000"} if {
 	some x in input.numbers["amount"]
 	is_number(x)
 	x > 5000
 }
 
 # currency: required, 3 allowed value(s); on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: currency is required"} if {
-	route.action == "create_payment"
+checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: currency is required"} if {
 	not lib.present(input.params, "currency")
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: currency not in [usd, eur, gbp]"} if {
-	route.action == "create_payment"
+checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: currency not in [usd, eur, gbp]"} if {
 	some x in input.params["currency"]
 	not x in {"usd", "eur", "gbp"}
 }
 
 # customer: regex cus_[A-Za-z0-9]{8,32}; on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: customer does not match cus_[A-Za-z0-9]{8,32}"} if {
-	route.action == "create_payment"
+checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: customer does not match cus_[A-Za-z0-9]{8,32}"} if {
 	some x in input.params["customer"]
 	not regex.match(`^(?:cus_[A-Za-z0-9]{8,32})$`, lib.text(x))
 }

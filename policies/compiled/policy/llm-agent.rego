@@ -65,48 +65,46 @@ violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ",
 
 # === openai-api chat_completions POST /v1/chat/completions ===
 
-# max_tokens: min 1, max 4096; on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens is not a number"} if {
+violations contains v if {
 	route.action == "chat_completions"
+	some v in checks_0_chat_completions
+}
+
+# max_tokens: min 1, max 4096; on violation deny
+checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: max_tokens is not a number"} if {
 	some x in input.numbers["max_tokens"]
 	not is_number(x)
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens > max 4096"} if {
-	route.action == "chat_completions"
+checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: max_tokens > max 4096"} if {
 	some x in input.numbers["max_tokens"]
 	is_number(x)
 	x > 4096
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens < min 1"} if {
-	route.action == "chat_completions"
+checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: max_tokens < min 1"} if {
 	some x in input.numbers["max_tokens"]
 	is_number(x)
 	x < 1
 }
 
 # model: required, 1 allowed value(s); on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: model is required"} if {
-	route.action == "chat_completions"
+checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: model is required"} if {
 	not lib.present(input.params, "model")
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: model not in [gpt-4o-mini]"} if {
-	route.action == "chat_completions"
+checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: model not in [gpt-4o-mini]"} if {
 	some x in input.params["model"]
 	not x in {"gpt-4o-mini"}
 }
 
 # n: max 1; on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: n is not a number"} if {
-	route.action == "chat_completions"
+checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: n is not a number"} if {
 	some x in input.numbers["n"]
 	not is_number(x)
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: n > max 1"} if {
-	route.action == "chat_completions"
+checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: n > max 1"} if {
 	some x in input.numbers["n"]
 	is_number(x)
 	x > 1
@@ -114,40 +112,39 @@ violations contains {"effect": "deny", "reason": "constraint_violated: n > max 1
 
 # === anthropic-api messages POST /v1/messages ===
 
-# max_tokens: required, min 1, max 4096; on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens is required"} if {
+violations contains v if {
 	route.action == "messages"
+	some v in checks_2_messages
+}
+
+# max_tokens: required, min 1, max 4096; on violation deny
+checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: max_tokens is required"} if {
 	not lib.present(input.params, "max_tokens")
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens is not a number"} if {
-	route.action == "messages"
+checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: max_tokens is not a number"} if {
 	some x in input.numbers["max_tokens"]
 	not is_number(x)
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens > max 4096"} if {
-	route.action == "messages"
+checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: max_tokens > max 4096"} if {
 	some x in input.numbers["max_tokens"]
 	is_number(x)
 	x > 4096
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: max_tokens < min 1"} if {
-	route.action == "messages"
+checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: max_tokens < min 1"} if {
 	some x in input.numbers["max_tokens"]
 	is_number(x)
 	x < 1
 }
 
 # model: required, regex claude-3-5-haiku(-latest|-[0-9]{8})?; on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: model is required"} if {
-	route.action == "messages"
+checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: model is required"} if {
 	not lib.present(input.params, "model")
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: model does not match claude-3-5-haiku(-latest|-[0-9]{8})?"} if {
-	route.action == "messages"
+checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: model does not match claude-3-5-haiku(-latest|-[0-9]{8})?"} if {
 	some x in input.params["model"]
 	not regex.match(`^(?:claude-3-5-haiku(-latest|-[0-9]{8})?)$`, lib.text(x))
 }

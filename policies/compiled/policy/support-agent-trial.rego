@@ -39,14 +39,17 @@ violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ",
 
 # === slack chat.postMessage POST /api/chat.postMessage ===
 
-# channel: required, regex #(support|support-[a-z0-9-]+); on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: channel is required"} if {
+violations contains v if {
 	route.action == "chat.postMessage"
+	some v in checks_0_chat_postMessage
+}
+
+# channel: required, regex #(support|support-[a-z0-9-]+); on violation deny
+checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: channel is required"} if {
 	not lib.present(input.params, "channel")
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: channel does not match #(support|support-[a-z0-9-]+)"} if {
-	route.action == "chat.postMessage"
+checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: channel does not match #(support|support-[a-z0-9-]+)"} if {
 	some x in input.params["channel"]
 	not regex.match(`^(?:#(support|support-[a-z0-9-]+))$`, lib.text(x))
 }

@@ -25,13 +25,21 @@ else := {"tool": "zendesk", "action": "read_tickets"} if {
 else := {"tool": "zendesk", "action": "update_ticket"} if {
 	input.host == "api.zendesk.com"
 	input.method == "PUT"
-	regex.match(`^/api/v2/tickets/[^/]+$`, input.path)
+	count(input.segments) == 4
+	input.segments[0] == "api"
+	input.segments[1] == "v2"
+	input.segments[2] == "tickets"
+	input.segments[3] != ""
 }
 # zendesk delete_ticket DELETE /api/v2/tickets/*
 else := {"tool": "zendesk", "action": "delete_ticket"} if {
 	input.host == "api.zendesk.com"
 	input.method == "DELETE"
-	regex.match(`^/api/v2/tickets/[^/]+$`, input.path)
+	count(input.segments) == 4
+	input.segments[0] == "api"
+	input.segments[1] == "v2"
+	input.segments[2] == "tickets"
+	input.segments[3] != ""
 }
 
 # Each action's own decision, before its constraints.
@@ -78,36 +86,41 @@ violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ",
 
 # === slack chat.postMessage POST /api/chat.postMessage ===
 
-# channel: required, 1 allowed value(s); on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: channel is required"} if {
+violations contains v if {
 	route.action == "chat.postMessage"
+	some v in checks_0_chat_postMessage
+}
+
+# channel: required, 1 allowed value(s); on violation deny
+checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: channel is required"} if {
 	not lib.present(input.params, "channel")
 }
 
-violations contains {"effect": "deny", "reason": "constraint_violated: channel not in [#support]"} if {
-	route.action == "chat.postMessage"
+checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: channel not in [#support]"} if {
 	some x in input.params["channel"]
 	not x in {"#support"}
 }
 
 # business hours: Mon-Fri 09:00-18:00 America/New_York
-violations contains {"effect": "deny", "reason": "constraint_violated: outside business hours (Mon-Fri 09:00-18:00 America/New_York)"} if {
-	route.action == "chat.postMessage"
+checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: outside business hours (Mon-Fri 09:00-18:00 America/New_York)"} if {
 	not lib.within_hours(input.time_ns, "America/New_York", {"Monday", "Tuesday", "Wednesday", "Thursday", "Friday"}, 540, 1080)
 }
 
 # === zendesk update_ticket PUT /api/v2/tickets/* ===
 
-# ticket.priority: 3 allowed value(s); on violation approval_needed
-violations contains {"effect": "approval_needed", "reason": "constraint_violated: ticket.priority not in [low, normal, high]"} if {
+violations contains v if {
 	route.action == "update_ticket"
+	some v in checks_2_update_ticket
+}
+
+# ticket.priority: 3 allowed value(s); on violation approval_needed
+checks_2_update_ticket contains {"effect": "approval_needed", "reason": "constraint_violated: ticket.priority not in [low, normal, high]"} if {
 	some x in input.params["ticket.priority"]
 	not x in {"low", "normal", "high"}
 }
 
 # ticket.status: 3 allowed value(s); on violation deny
-violations contains {"effect": "deny", "reason": "constraint_violated: ticket.status not in [open, pending, solved]"} if {
-	route.action == "update_ticket"
+checks_2_update_ticket contains {"effect": "deny", "reason": "constraint_violated: ticket.status not in [open, pending, solved]"} if {
 	some x in input.params["ticket.status"]
 	not x in {"open", "pending", "solved"}
 }
