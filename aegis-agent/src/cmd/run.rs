@@ -51,8 +51,9 @@ const EXEC_GRACE: Duration = Duration::from_secs(5);
 /// The DNS proxy runs on a runtime of its own, one thread: an answer then never waits for a
 /// wake-up on another core (which measured as the difference between matching a no-cache
 /// dnsmasq forwarder's latency and exceeding it, docs/benchmarks.md) nor behind L7 work. The
-/// L7 enforcer, control socket and events use a multi-threaded runtime (one worker per core);
-/// slow, blocking work (attaching programs, reloads, cgroup clean-up) runs on its blocking pool.
+/// L7 enforcer runs on one-thread runtimes of its own, one per core ([`l7_runtimes`]). The
+/// control socket and events use a multi-threaded runtime (one worker per core); slow, blocking
+/// work (attaching programs, reloads, cgroup clean-up) runs on its blocking pool.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,6 +113,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             listen: l7_listen,
             max_body: args.max_body,
         },
+        l7_runtimes()?,
         ca,
         upstream_roots,
         enforcer.clone(),
@@ -192,14 +194,30 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// Starts the DNS proxy's runtime on a thread of its own and returns its handle.
 fn dns_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    thread_runtime("aegis-dns".into())
+}
+
+/// Starts a one-thread runtime on a thread named `name` and returns its handle.
+fn thread_runtime(name: String) -> anyhow::Result<tokio::runtime::Handle> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let handle = runtime.handle().clone();
     std::thread::Builder::new()
-        .name("aegis-dns".into())
+        .name(name)
         .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
     Ok(handle)
+}
+
+/// The L7 enforcer's runtimes: one thread each, one per core (thread per core, as nginx runs a
+/// worker per core). A connection lives on one of them from accept to close, its upstream
+/// connection included, so a request never waits for a wake-up on another core: on this
+/// machine kind such wake-ups cost more than the request's own CPU (docs/benchmarks.md).
+fn l7_runtimes() -> anyhow::Result<Vec<tokio::runtime::Handle>> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (0..cores)
+        .map(|i| thread_runtime(format!("aegis-l7-{i}")))
+        .collect()
 }
 
 /// Roots for verifying upstream servers: a PEM bundle, or the system's.

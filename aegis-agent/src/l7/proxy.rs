@@ -23,7 +23,7 @@ use http_body_util::{BodyExt as _, Full, Limited, combinators::BoxBody};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::{ServerConfig, pki_types::ServerName};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa};
@@ -52,10 +52,12 @@ pub struct Settings {
     pub max_body: usize,
 }
 
-/// The enforcer: one TLS listener per identity port and listen address.
+/// The enforcer: per identity port and listen address, one TLS listener on each of its
+/// runtimes (`SO_REUSEPORT`: the kernel spreads connections over them).
 #[derive(Clone)]
 pub struct L7Proxy {
     shared: Arc<Shared>,
+    runtimes: Arc<[tokio::runtime::Handle]>,
 }
 
 struct Shared {
@@ -139,9 +141,12 @@ enum Upstream {
 
 impl L7Proxy {
     /// An enforcer terminating TLS with `ca`, re-originating TLS verified against
-    /// `upstream_roots`, deciding with `decider`.
+    /// `upstream_roots`, deciding with `decider`, serving connections on `runtimes` (at least
+    /// one; one-thread runtimes keep each connection on one thread).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
+        runtimes: Vec<tokio::runtime::Handle>,
         ca: NodeCa,
         upstream_roots: rustls::RootCertStore,
         enforcer: Arc<Mutex<Enforcer>>,
@@ -168,11 +173,12 @@ impl L7Proxy {
                 audit,
                 bound: Mutex::new(HashSet::new()),
             }),
+            runtimes: runtimes.into(),
         }
     }
 
     /// Binds the listeners of `identity` on `port` (once) and serves them in background
-    /// tasks. Must run inside the tokio runtime.
+    /// tasks, one listener per runtime and listen address. Callable from any thread.
     ///
     /// # Errors
     /// A listen address or port cannot be bound.
@@ -181,20 +187,38 @@ impl L7Proxy {
         if bound.contains(&port) {
             return Ok(());
         }
+        let mut listeners = Vec::new();
         for ip in &self.shared.settings.listen {
-            let socket = if ip.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            socket.set_reuseaddr(true)?;
-            socket.bind(SocketAddr::new(*ip, port))?;
-            let listener = socket.listen(1024)?;
-            tokio::spawn(accept_loop(self.shared.clone(), identity.clone(), listener));
+            for runtime in self.runtimes.iter() {
+                listeners.push((runtime, reuseport_listener(SocketAddr::new(*ip, port))?));
+            }
+        }
+        for (runtime, listener) in listeners {
+            let (shared, identity) = (self.shared.clone(), identity.clone());
+            runtime.spawn(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(shared, identity, listener).await,
+                    Err(e) => {
+                        tracing::error!(target: "aegis::l7", error = %e, "L7 listener not registered");
+                    }
+                }
+            });
         }
         bound.insert(port);
         Ok(())
     }
+}
+
+/// A non-blocking listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`.
+fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 async fn accept_loop(shared: Arc<Shared>, identity: Identity, listener: TcpListener) {

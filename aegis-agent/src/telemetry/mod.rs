@@ -50,9 +50,10 @@ pub enum TelemetryError {
     Subscriber(String),
 }
 
-/// Keeps the OTLP pipeline alive; flushes it on drop.
+/// Keeps the log writer and the OTLP pipeline alive; flushes both on drop.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Drop for Telemetry {
@@ -73,8 +74,16 @@ impl Drop for Telemetry {
 /// The exporter cannot be built or a subscriber is already installed.
 pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Lines go to stdout from a writer thread of their own, so a request never waits on the
+    // write(2) (or on another thread holding stdout). Not lossy: when the queue (128,000 lines)
+    // is full, logging waits rather than dropping a decision event.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("aegis-log")
+        .finish(std::io::stdout());
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .json()
             .flatten_event(true)
             .with_current_span(false)
@@ -82,6 +91,7 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
             .with_filter(filter())
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .with_filter(filter())
             .boxed(),
     };
@@ -111,7 +121,10 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
         .with(otel)
         .try_init()
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        _log_writer: guard,
+    })
 }
 
 /// Name of a `REASON_*` code, as it appears in events.
