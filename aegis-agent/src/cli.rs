@@ -36,8 +36,24 @@ pub enum Command {
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Remove everything Aegis pinned and the cgroups it created (stop the agent first).
     Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify an audit log's hash chain and batch signatures; exits 0 when the whole file is
+    /// intact, 2 naming the first broken line otherwise.
+    Verify {
+        /// The audit log (`--audit-log` of `run`).
+        file: PathBuf,
+        /// The node's audit public key (PEM, written next to `--audit-key` as `<key>.pub`).
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +112,10 @@ pub struct RunArgs {
     /// Audit log: one JSON line per decision, append-only.
     #[arg(long, default_value = "/var/log/aegis/audit.jsonl")]
     pub audit_log: PathBuf,
+    /// Ed25519 key signing the audit log's batches (PKCS#8 PEM); created with its public key
+    /// (`<path>.pub`) if absent.
+    #[arg(long, default_value = "/var/lib/aegis/audit.key")]
+    pub audit_key: PathBuf,
     /// Largest request body the L7 enforcer accepts, in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body: usize,

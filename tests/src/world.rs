@@ -556,6 +556,8 @@ impl World {
             .args(["--log-format", "json"])
             .arg("--audit-log")
             .arg(self.dir.join("audit.jsonl"))
+            .arg("--audit-key")
+            .arg(self.dir.join("audit.key"))
             .arg("--ca-cert")
             .arg(self.node_ca())
             .arg("--ca-key")
@@ -699,6 +701,30 @@ impl World {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs `aegis-agent audit verify FILE --key <world>/audit.key.pub`: (success, stdout).
+    pub fn verify_audit(&self, file: &Path) -> (bool, String) {
+        let out = Command::new(self.agent_bin())
+            .args(["audit", "verify"])
+            .arg(file)
+            .arg("--key")
+            .arg(self.dir.join("audit.key.pub"))
+            .output()
+            .expect("run aegis-agent audit verify");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// The audit log's path.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
     }
 
     /// The agent's audit records (`--audit-log`), parsed, in file order.

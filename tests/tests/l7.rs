@@ -182,6 +182,31 @@ fn allowed_call_passes_through_the_enforcer_with_its_body_intact() {
         record["latency_us"].as_u64().is_some() && record["seq"].as_u64().is_some(),
         "{record}"
     );
+    // The log is chained and signed: `audit verify` proves it, and names the edited line of a
+    // copy whose allow was turned into a deny.
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = w.verify_audit(&w.audit_log());
+    assert!(ok && out.contains("intact"), "{out}");
+    let text = std::fs::read_to_string(w.audit_log()).unwrap();
+    let (index, line) = text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| {
+            l.contains("\"action\":\"create_payment\"") && l.contains("\"decision\":\"allow\"")
+        })
+        .expect("the decision's line");
+    let tampered = text.replacen(
+        line,
+        &line.replace("\"decision\":\"allow\"", "\"decision\":\"deny\""),
+        1,
+    );
+    let copy = w.dir().join("audit-tampered.jsonl");
+    std::fs::write(&copy, tampered).unwrap();
+    let (ok, out) = w.verify_audit(&copy);
+    assert!(
+        !ok && out.contains(&format!(":line {}:", index + 1)),
+        "{out}"
+    );
 }
 
 #[test]

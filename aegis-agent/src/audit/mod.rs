@@ -1,12 +1,22 @@
 //! The audit log: one JSON object per line, append-only, one record per decision (L7 calls,
-//! kernel denials). Records carry a sequence number so a later chain (hash of the previous
-//! record) and batch signatures can be added without changing the file's shape.
+//! kernel denials), tamper-evident.
+//!
+//! Shape of a line: `{"seq": N, "ts": RFC 3339, "prev": hex SHA-256 of the previous line, ...the
+//! record's fields}`. The first line of a log has `seq` 0 and `prev` 64 zeros. After every
+//! batch written, the writer appends a signature record (`"kind": "audit_signature"`, see
+//! [`chain`]) whose Ed25519 signature, by the node's audit key, covers the hash of the line
+//! before it, and so, through the chain, every line up to it. `aegis-agent audit verify` checks
+//! the whole file ([`chain::verify`]).
 //!
 //! Invariants: appending never blocks the request path (records go through a channel to a
-//! writer thread); the writer flushes and `fdatasync`s at most [`BATCH_INTERVAL`] after a
-//! record arrives or every [`BATCH_RECORDS`] records, whichever is first; the file is opened
-//! `O_APPEND` and never rewritten. If the channel is full (the disk stalls), records are
-//! counted as dropped and a warning names how many: the decision itself is never delayed.
+//! writer thread, which alone numbers and chains them, so `seq` is file order); the writer
+//! flushes and `fdatasync`s at most [`BATCH_INTERVAL`] after a record arrives or every
+//! [`BATCH_RECORDS`] records, whichever is first, signing each batch; the file is opened
+//! `O_APPEND` and never rewritten; a restarted agent continues the chain from the file's last
+//! line. If the channel is full (the disk stalls), records are counted as dropped and a warning
+//! names how many: the decision itself is never delayed.
+
+pub mod chain;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -23,6 +33,8 @@ use std::{
 
 use serde::Serialize;
 
+use chain::{AuditKey, Chain};
+
 /// Longest a record waits before it is on disk.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// Records written between two syncs at most.
@@ -32,38 +44,29 @@ const QUEUE: usize = 65_536;
 
 /// Errors opening the audit log.
 #[derive(Debug, thiserror::Error)]
-#[error("audit log {path}: {source}")]
+#[error("audit log {path}: {message}")]
 pub struct AuditError {
     path: PathBuf,
-    #[source]
-    source: io::Error,
+    message: String,
 }
 
 /// Handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
     tx: SyncSender<String>,
-    seq: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
 }
 
-#[derive(Serialize)]
-struct Envelope<'a, T: Serialize> {
-    seq: u64,
-    ts: String,
-    #[serde(flatten)]
-    record: &'a T,
-}
-
 impl AuditLog {
-    /// Opens (creating) `path` for appending and starts the writer thread.
+    /// Opens (creating) `path` for appending, continues the chain of its last line, and starts
+    /// the writer thread, which signs with `key`.
     ///
     /// # Errors
-    /// The directory or file cannot be created or opened.
-    pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
-        let err = |source| AuditError {
+    /// The directory or file cannot be created, opened or read.
+    pub fn open(path: &Path, key: AuditKey) -> Result<AuditLog, AuditError> {
+        let err = |e: io::Error| AuditError {
             path: path.to_owned(),
-            source,
+            message: e.to_string(),
         };
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(err)?;
@@ -71,39 +74,53 @@ impl AuditLog {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(path)
             .map_err(err)?;
+        let (chain, unterminated) = Chain::resume(&file).map_err(err)?;
+        let mut out = BufWriter::new(file);
+        if unterminated {
+            // A line cut by a crash: end it, so new records start on a line of their own (the
+            // cut line stays, and `audit verify` names it).
+            out.write_all(b"\n").map_err(err)?;
+        }
         let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let path = path.to_owned();
         let writer_dropped = dropped.clone();
         thread::Builder::new()
             .name("aegis-audit".into())
-            .spawn(move || write_loop(&path, file, &rx, &writer_dropped))
-            .map_err(|source| AuditError {
+            .spawn(move || {
+                let mut writer = Writer {
+                    path,
+                    out,
+                    chain,
+                    key,
+                };
+                writer.run(&rx, &writer_dropped);
+            })
+            .map_err(|e| AuditError {
                 path: PathBuf::from("audit writer thread"),
-                source,
+                message: e.to_string(),
             })?;
-        Ok(AuditLog {
-            tx,
-            seq: Arc::new(AtomicU64::new(0)),
-            dropped,
-        })
+        Ok(AuditLog { tx, dropped })
     }
 
-    /// Queues one record (any serializable struct; its fields become the line's fields next
-    /// to `seq` and `ts`).
+    /// Queues one record (any struct serializing to a JSON object; its fields become the line's
+    /// fields next to `seq`, `ts` and `prev`, which it must not have).
     pub fn append<T: Serialize>(&self, record: &T) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let ts = humantime_rfc3339(SystemTime::now());
-        let line = match serde_json::to_string(&Envelope { seq, ts, record }) {
-            Ok(line) => line,
+        let body = match serde_json::to_string(record) {
+            Ok(body) if body.starts_with('{') => body,
+            Ok(other) => {
+                tracing::error!(target: "aegis::audit", record = %other, "audit record is not a JSON object");
+                return;
+            }
             Err(e) => {
                 tracing::error!(target: "aegis::audit", error = %e, "audit record not serializable");
                 return;
             }
         };
-        match self.tx.try_send(line) {
+        match self.tx.try_send(body) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -112,50 +129,77 @@ impl AuditLog {
     }
 }
 
-fn write_loop(path: &Path, file: File, rx: &mpsc::Receiver<String>, dropped: &AtomicU64) {
-    let mut out = BufWriter::new(file);
-    let mut pending = 0usize;
-    let mut reported_drops = 0u64;
-    loop {
-        let timeout = if pending > 0 {
-            BATCH_INTERVAL
-        } else {
-            Duration::from_secs(3600)
-        };
-        match rx.recv_timeout(timeout) {
-            Ok(line) => {
-                let written = out
-                    .write_all(line.as_bytes())
-                    .and_then(|()| out.write_all(b"\n"));
-                if let Err(e) = written {
-                    tracing::error!(target: "aegis::audit", path = %path.display(), error = %e, "audit write failed");
-                }
-                pending += 1;
-                if pending < BATCH_RECORDS {
-                    continue;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = sync(&mut out);
-                return;
-            }
-        }
-        if let Err(e) = sync(&mut out) {
-            tracing::error!(target: "aegis::audit", path = %path.display(), error = %e, "audit sync failed");
-        }
-        pending = 0;
-        let drops = dropped.load(Ordering::Relaxed);
-        if drops > reported_drops {
-            tracing::warn!(target: "aegis::audit", dropped = drops - reported_drops, "audit records dropped: the writer fell behind");
-            reported_drops = drops;
-        }
-    }
+/// The writer thread's state.
+struct Writer {
+    path: PathBuf,
+    out: BufWriter<File>,
+    chain: Chain,
+    key: AuditKey,
 }
 
-fn sync(out: &mut BufWriter<File>) -> io::Result<()> {
-    out.flush()?;
-    out.get_ref().sync_data()
+impl Writer {
+    fn run(&mut self, rx: &mpsc::Receiver<String>, dropped: &AtomicU64) {
+        let mut pending = 0usize;
+        let mut reported_drops = 0u64;
+        loop {
+            let timeout = if pending > 0 {
+                BATCH_INTERVAL
+            } else {
+                Duration::from_secs(3600)
+            };
+            match rx.recv_timeout(timeout) {
+                Ok(body) => {
+                    let line = self
+                        .chain
+                        .next_line(&humantime_rfc3339(SystemTime::now()), &body);
+                    self.write(&line);
+                    pending += 1;
+                    if pending < BATCH_RECORDS {
+                        continue;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    if pending > 0 {
+                        self.sign_and_sync();
+                    }
+                    return;
+                }
+            }
+            self.sign_and_sync();
+            pending = 0;
+            let drops = dropped.load(Ordering::Relaxed);
+            if drops > reported_drops {
+                tracing::warn!(target: "aegis::audit", dropped = drops - reported_drops, "audit records dropped: the writer fell behind");
+                reported_drops = drops;
+            }
+        }
+    }
+
+    fn write(&mut self, line: &str) {
+        let written = self
+            .out
+            .write_all(line.as_bytes())
+            .and_then(|()| self.out.write_all(b"\n"));
+        if let Err(e) = written {
+            tracing::error!(target: "aegis::audit", path = %self.path.display(), error = %e, "audit write failed");
+        }
+    }
+
+    /// Appends the batch's signature record, then flushes and syncs.
+    fn sign_and_sync(&mut self) {
+        let line = self
+            .chain
+            .signature_line(&humantime_rfc3339(SystemTime::now()), &self.key);
+        self.write(&line);
+        let synced = self
+            .out
+            .flush()
+            .and_then(|()| self.out.get_ref().sync_data());
+        if let Err(e) = synced {
+            tracing::error!(target: "aegis::audit", path = %self.path.display(), error = %e, "audit sync failed");
+        }
+    }
 }
 
 /// RFC 3339 UTC timestamp with microseconds.
@@ -174,41 +218,52 @@ mod tests {
         n: u32,
     }
 
+    fn wait_lines(path: &Path, n: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= n || std::time::Instant::now() > deadline {
+                return text;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Records reach the file in order within a batch interval, each batch signed, and a
+    /// second writer (a restarted agent) continues the same chain: the whole file verifies.
     #[test]
-    fn records_reach_the_file_in_order_within_a_batch_interval() {
+    fn records_are_chained_signed_and_continued_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit/audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
+        let key_path = dir.path().join("audit.key");
+        let log = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap()).unwrap();
         for n in 0..3 {
             log.append(&Rec { kind: "test", n });
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let lines = loop {
-            let text = fs::read_to_string(&path).unwrap_or_default();
-            if text.lines().count() == 3 || std::time::Instant::now() > deadline {
-                break text;
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let parsed: Vec<serde_json::Value> = lines
+        let text = wait_lines(&path, 4);
+        let parsed: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(parsed.len(), 3, "{lines}");
-        for (i, v) in parsed.iter().enumerate() {
+        assert_eq!(parsed.len(), 4, "{text}");
+        for (i, v) in parsed[..3].iter().enumerate() {
             assert_eq!(v["seq"], i as u64);
             assert_eq!(v["n"], i as u64);
             assert_eq!(v["kind"], "test");
             assert!(v["ts"].as_str().unwrap().ends_with('Z'));
         }
-        // A second handle appends; nothing is rewritten.
+        assert_eq!(parsed[3]["kind"], chain::SIGNATURE_KIND);
         drop(log);
-        let log = AuditLog::open(&path).unwrap();
+        thread::sleep(BATCH_INTERVAL);
+        let log = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap()).unwrap();
         log.append(&Rec {
             kind: "again",
             n: 9,
         });
-        thread::sleep(BATCH_INTERVAL * 3);
-        assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), 4);
+        let text = wait_lines(&path, 6);
+        let public = chain::read_public_key(&chain::public_path(&key_path)).unwrap();
+        let report =
+            chain::verify(text.as_bytes(), &public).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!((report.lines, report.signatures), (6, 2));
     }
 }

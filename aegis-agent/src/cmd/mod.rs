@@ -1,5 +1,6 @@
 //! Subcommands, one file each.
 
+mod audit;
 mod exec;
 mod policy;
 mod run;
@@ -8,7 +9,7 @@ mod uninstall;
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, PolicyCommand};
+use crate::cli::{AuditCommand, Cli, Command, PolicyCommand};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(PolicyCommand::Bench { dir, iterations }) => {
             policy::bench(&dir, iterations)
         }
+        Command::Audit(AuditCommand::Verify { file, key }) => audit::verify(&file, &key),
         Command::Uninstall(args) => uninstall::uninstall(&args),
     }
 }

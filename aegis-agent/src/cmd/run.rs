@@ -28,7 +28,7 @@ use tokio::{
 };
 
 use crate::{
-    audit::AuditLog,
+    audit::{AuditLog, chain::AuditKey},
     cgroup,
     cli::RunArgs,
     control::{self, Handler, Reply},
@@ -77,7 +77,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let l7_engine =
         L7Engine::build(&policies).map_err(|e| anyhow!("policies rejected, not starting:\n{e}"))?;
     let ca = NodeCa::load_or_create(&args.ca_cert, &args.ca_key)?;
-    let audit = AuditLog::open(&args.audit_log)?;
+    let audit = AuditLog::open(&args.audit_log, AuditKey::load_or_create(&args.audit_key)?)?;
     let upstream_roots = upstream_roots(args.upstream_ca.as_deref())?;
     let l7_addr4 = args.l7_address.unwrap_or(args.dns_address);
     let (datapath, links, events, logger) = Datapath::load(&args.bpffs)?;
