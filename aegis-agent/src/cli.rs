@@ -39,8 +39,32 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Cut an agent (or every agent) off: every connect, send and L7 call denied, within a
+    /// second, until turned off; survives agent restarts.
+    KillSwitch(KillSwitchArgs),
     /// Remove everything Aegis pinned and the cgroups it created (stop the agent first).
     Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KillSwitchArgs {
+    /// `on` or `off`.
+    pub state: OnOff,
+    /// The agent name (every tenant).
+    #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+    pub agent: Option<String>,
+    /// Every agent on the node.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+/// A switch position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +140,9 @@ pub struct RunArgs {
     /// (`<path>.pub`) if absent.
     #[arg(long, default_value = "/var/lib/aegis/audit.key")]
     pub audit_key: PathBuf,
+    /// Saved kill switch state (`aegis-agent kill-switch`); read at start.
+    #[arg(long, default_value = "/var/lib/aegis/kill-switch.json")]
+    pub kill_switch_file: PathBuf,
     /// Largest request body the L7 enforcer accepts, in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body: usize,

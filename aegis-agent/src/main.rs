@@ -15,6 +15,7 @@ mod dns;
 mod ebpf;
 mod egress;
 mod identity;
+mod killswitch;
 mod l7;
 mod policy;
 mod telemetry;

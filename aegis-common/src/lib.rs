@@ -99,6 +99,9 @@ pub const MAX_PORTS: usize = 8;
 pub const IDENTITY_F_DENY_RAW: u32 = 1 << 0;
 /// `IdentityValue::flags`: shadow mode; a would-be deny is reported and the call is allowed.
 pub const IDENTITY_F_SHADOW: u32 = 1 << 1;
+/// `IdentityValue::flags`: kill switch; every connect and send is refused (`REASON_KILLED`),
+/// DNS included, whatever the allowlist and the mode (shadow mode does not soften it).
+pub const IDENTITY_F_KILLED: u32 = 1 << 2;
 
 /// Value of [`MAP_IDENTITY`], keyed by the cgroup v2 id (the directory's inode number).
 #[repr(C)]
@@ -291,6 +294,8 @@ pub const REASON_NO_DNS_PROXY: u32 = 6;
 pub const REASON_NO_L7_ENFORCER: u32 = 7;
 /// UDP to an inspected destination (QUIC would bypass the inspection).
 pub const REASON_UDP_TO_INSPECTED: u32 = 8;
+/// The identity's kill switch is on.
+pub const REASON_KILLED: u32 = 9;
 
 pub const HOOK_CONNECT4: u32 = 1;
 pub const HOOK_CONNECT6: u32 = 2;

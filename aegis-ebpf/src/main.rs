@@ -25,11 +25,12 @@ use aegis_common::{
     AF_INET, AF_INET6, AF_PACKET, CONFIG_F_DNS6, CONFIG_F_L7_6, Cidr4Data, Cidr6Data, DNS_PORT,
     DenyEvent, EGRESS_F_INSPECT, EVENTS_RING_BYTES, Egress4Key, Egress6Key, EgressValue,
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE,
-    IDENTITY_F_DENY_RAW, IDENTITY_F_SHADOW, IdentityValue, L7Orig, MAX_CGROUP_LEVEL, MAX_CIDRS,
-    MAX_DNS_SOCKETS, MAX_IDENTITY_CGROUPS, MAX_L7_PENDING, MAX_LEARNED_ADDRS, NodeConfig, OrigDst,
-    PeerKey, REASON_NO_DNS_PROXY, REASON_NO_L7_ENFORCER, REASON_NONE, REASON_NOT_ALLOWED,
-    REASON_PACKET_SOCKET, REASON_RAW_SOCKET, REASON_UDP_TO_INSPECTED, SOCK_RAW, SOCK_STREAM,
-    VERDICT_DENIED, VERDICT_WOULD_DENY,
+    IDENTITY_F_DENY_RAW, IDENTITY_F_KILLED, IDENTITY_F_SHADOW, IdentityValue, L7Orig,
+    MAX_CGROUP_LEVEL, MAX_CIDRS, MAX_DNS_SOCKETS, MAX_IDENTITY_CGROUPS, MAX_L7_PENDING,
+    MAX_LEARNED_ADDRS, NodeConfig, OrigDst, PeerKey, REASON_KILLED, REASON_NO_DNS_PROXY,
+    REASON_NO_L7_ENFORCER, REASON_NONE, REASON_NOT_ALLOWED, REASON_PACKET_SOCKET,
+    REASON_RAW_SOCKET, REASON_UDP_TO_INSPECTED, SOCK_RAW, SOCK_STREAM, VERDICT_DENIED,
+    VERDICT_WOULD_DENY,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -205,6 +206,36 @@ fn decide(
     deny(ctx, c, &d)
 }
 
+/// The kill switch: reports the call and refuses it, in shadow mode too.
+#[inline(always)]
+fn killed(
+    ctx: &SockAddrContext,
+    c: &Caller,
+    family: u32,
+    hook: u32,
+    addr: [u8; 16],
+    port: u16,
+    sa: &bpf_sock_addr,
+) -> i32 {
+    let d = Denial {
+        reason: REASON_KILLED,
+        hook,
+        family,
+        port,
+        protocol: sa.protocol as u16,
+        sock_type: sa.type_,
+        addr,
+    };
+    refuse(ctx, c, &d)
+}
+
+/// Reports a denial and refuses, whatever the mode.
+#[inline(never)]
+fn refuse(ctx: &SockAddrContext, c: &Caller, d: &Denial) -> i32 {
+    report(ctx, c, VERDICT_DENIED, d);
+    DENY
+}
+
 /// Reports a denial and returns the verdict (shadow mode: allow).
 #[inline(never)]
 fn deny(ctx: &SockAddrContext, c: &Caller, d: &Denial) -> i32 {
@@ -375,6 +406,9 @@ fn egress4(ctx: &SockAddrContext, hook: u32) -> i32 {
     let port = port_of(sa);
     let mut addr16 = [0u8; 16];
     addr16[..4].copy_from_slice(&addr);
+    if c.ident.flags & IDENTITY_F_KILLED != 0 {
+        return killed(ctx, &c, AF_INET, hook, addr16, port, sa);
+    }
     if port == DNS_PORT {
         let Some(cfg) = CONFIG.get(0) else {
             return DENY;
@@ -542,6 +576,9 @@ fn egress6(ctx: &SockAddrContext, hook: u32) -> i32 {
     let sa = sock_addr(ctx);
     let addr = ip6_of(sa);
     let port = port_of(sa);
+    if c.ident.flags & IDENTITY_F_KILLED != 0 {
+        return killed(ctx, &c, AF_INET6, hook, addr, port, sa);
+    }
     if port == DNS_PORT {
         let Some(cfg) = CONFIG.get(0) else {
             return DENY;

@@ -558,6 +558,8 @@ impl World {
             .arg(self.dir.join("audit.jsonl"))
             .arg("--audit-key")
             .arg(self.dir.join("audit.key"))
+            .arg("--kill-switch-file")
+            .arg(self.dir.join("kill-switch.json"))
             .arg("--ca-cert")
             .arg(self.node_ca())
             .arg("--ca-key")

@@ -863,3 +863,70 @@ print(socket.getaddrinfo("allowed.test", 80, socket.AF_INET)[0][4][0])
     );
     assert!(w.agent_running(), "the agent survived\n{}", w.diagnostics());
 }
+
+/// `aegis-agent kill-switch on|off --agent NAME`.
+fn kill_switch(w: &World, state: &str, agent: &str) -> Duration {
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(w.agent_bin())
+        .args(["kill-switch", state, "--agent", agent, "--control-socket"])
+        .arg(w.control_socket())
+        .output()
+        .expect("run aegis-agent kill-switch");
+    assert!(
+        out.status.success(),
+        "kill-switch {state}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed()
+}
+
+#[test]
+fn kill_switch_cuts_an_agent_off_within_a_second_and_survives_a_restart() {
+    let mut w = started(web_policy(&["- fqdn: allowed.test"]));
+    let out = curl(&w, 1, WEB, &["-4", "http://allowed.test/"]);
+    assert_curl_body(&w, &out, "hello from allowed\n", "before the switch");
+
+    // On: the command returns once the kernel has the flag, well within a second, and from
+    // then on the allowed address and DNS itself are refused.
+    let took = kill_switch(&w, "on", "web-agent");
+    assert!(
+        took < Duration::from_secs(1),
+        "kill-switch on took {took:?}"
+    );
+    let r = probe(&w, 1, WEB, &["http 198.18.1.10 80", "resolve allowed.test"]);
+    assert_eperm(&w, &r[0]);
+    assert_no_answer(&w, &r[1]);
+    let e = denied_event(&w, "web-agent", "198.18.1.10", 80);
+    assert_fields(
+        &e,
+        &[("reason", "killed".into()), ("verdict", "denied".into())],
+    );
+    // Recorded in the audit log, with who turned it on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = w.audit_records();
+        if let Some(r) = records.iter().find(|r| r["kind"] == "kill_switch") {
+            assert_eq!(r["on"], true, "{r}");
+            assert_eq!(r["target"], "agent web-agent", "{r}");
+            assert_eq!(r["by_uid"], 0, "{r}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no kill_switch audit record"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A restarted agent starts with the switch on.
+    w.kill_agent();
+    w.start_agent();
+    let r = probe(&w, 1, WEB, &["http 198.18.1.10 80"]);
+    assert_eperm(&w, &r[0]);
+
+    // Off: reachable again.
+    kill_switch(&w, "off", "web-agent");
+    let out = curl(&w, 1, WEB, &["-4", "http://allowed.test/"]);
+    assert_curl_body(&w, &out, "hello from allowed\n", "after the switch is off");
+}

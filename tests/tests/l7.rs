@@ -597,3 +597,73 @@ fn chunked_request_bodies_arrive_whole() {
     assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
     assert_eq!(json(&out, &w)["body"], body, "{out}");
 }
+
+/// The kill switch cuts L7 calls on a connection opened before it was turned on (the kernel
+/// refuses new connections; the enforcer refuses the next request on the old one).
+#[test]
+fn kill_switch_refuses_requests_on_open_connections() {
+    let w = world();
+    let ca = w.node_ca().to_string_lossy().into_owned();
+    let (ready, go) = (w.dir().join("l7-ready"), w.dir().join("l7-go"));
+    let script = r#"
+import json, http.client, os, ssl, sys, time
+conn = http.client.HTTPSConnection("api.stripe.com", timeout=10, context=ssl.create_default_context())
+def call():
+    conn.request("POST", "/v1/payment_intents", body='{"amount": 10, "currency": "usd"}', headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    body = r.read()
+    print(r.status, json.loads(body).get("reason", ""), r.version, flush=True)
+call()
+open(sys.argv[1], "w").close()
+deadline = time.time() + 20
+while not os.path.exists(sys.argv[2]) and time.time() < deadline:
+    time.sleep(0.02)
+call()
+"#;
+    let python = w.python().to_string_lossy().into_owned();
+    let cert_env = format!("SSL_CERT_FILE={ca}");
+    let (ready_s, go_s) = (
+        ready.to_string_lossy().into_owned(),
+        go.to_string_lossy().into_owned(),
+    );
+    let out = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            w.pod_exec(
+                1,
+                FINANCE,
+                &["env", &cert_env, &python, "-c", script, &ready_s, &go_s],
+            )
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ready.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "first call never finished"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ks = std::process::Command::new(w.agent_bin())
+            .args([
+                "kill-switch",
+                "on",
+                "--agent",
+                "finance-agent",
+                "--control-socket",
+            ])
+            .arg(w.control_socket())
+            .output()
+            .unwrap();
+        assert!(ks.status.success(), "{}", describe(&ks));
+        std::fs::write(&go, "").unwrap();
+        client.join().unwrap()
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        ["200  11", "403 kill_switch 11"],
+        "{stdout}\n{}\n{}",
+        describe(&out),
+        w.diagnostics()
+    );
+}

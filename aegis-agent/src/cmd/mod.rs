@@ -2,6 +2,7 @@
 
 mod audit;
 mod exec;
+mod killswitch;
 mod policy;
 mod run;
 mod status;
@@ -24,6 +25,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policy::bench(&dir, iterations)
         }
         Command::Audit(AuditCommand::Verify { file, key }) => audit::verify(&file, &key),
+        Command::KillSwitch(args) => killswitch::kill_switch(&args),
         Command::Uninstall(args) => uninstall::uninstall(&args),
     }
 }

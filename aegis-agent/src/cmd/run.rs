@@ -36,6 +36,7 @@ use crate::{
     ebpf::{self, AsyncEventReader, Datapath, Links},
     egress::{self, Enforcer},
     identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile},
+    killswitch::{KillSwitch, Target},
     l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
     policy::{L7Engine, PolicySet},
     telemetry,
@@ -91,10 +92,16 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         min_ttl: Duration::from_secs(args.min_ttl),
         cgroup2: cgroup2.clone(),
     };
+    let kill = Arc::new(KillSwitch::load(&args.kill_switch_file)?);
+    let on = kill.state();
+    if on.all || !on.agents.is_empty() {
+        tracing::warn!(target: "aegis::event", event = "kill_switch", all = on.all, agents = ?on.agents, "kill switches on from the saved state");
+    }
     let enforcer = Arc::new(Mutex::new(Enforcer::new(
         datapath,
         settings,
         args.max_learned,
+        kill.clone(),
     )?));
     let policies = Arc::new(ArcSwap::from_pointee(policies));
     let mut listen = vec![IpAddr::V4(args.dns_address)];
@@ -120,6 +127,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         policies.clone(),
         decider.clone(),
         audit.clone(),
+        kill.clone(),
     );
     let node = Arc::new(Node {
         l7,
@@ -142,6 +150,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .map(|p| StaticFile::new(p, cgroup2.clone())),
         ready: AtomicBool::new(false),
+        kill,
     });
     cgroup::create(node.exec.dir())?;
     node.sync_identities();
@@ -277,6 +286,7 @@ struct Node {
     exec: ExecCgroups,
     static_file: Option<StaticFile>,
     ready: AtomicBool,
+    kill: Arc<KillSwitch>,
 }
 
 // === impl Node ===
@@ -486,6 +496,48 @@ impl Handler for Node {
             learned: enforcer.learned_total(),
         }
     }
+
+    fn kill_switch(
+        &self,
+        on: bool,
+        agent: Option<&str>,
+        uid: u32,
+        pid: Option<u32>,
+    ) -> Result<Reply, String> {
+        let target = match agent {
+            None => Target::All,
+            Some(a) => Target::Agent(Identity::new(a, None)?.agent.to_string()),
+        };
+        let state = self.kill.set(&target, on).map_err(|e| e.to_string())?;
+        // The enforcer reads the switch per request already; the kernel gets the flag now.
+        let policies = self.policies.load_full();
+        self.enforcer()
+            .apply_policies(&policies)
+            .map_err(|e| format!("kill switch saved, but the kernel maps were not updated: {e}"))?;
+        let record = KillSwitchRecord {
+            kind: "kill_switch",
+            on,
+            target: target.to_string(),
+            by_uid: uid,
+            by_pid: pid,
+        };
+        tracing::warn!(target: "aegis::event", event = "kill_switch", on, target = %record.target, by_uid = uid, by_pid = pid, "kill switch {} for {}", if on { "on" } else { "off" }, record.target);
+        self.audit.append(&record);
+        Ok(Reply::KillSwitch {
+            all: state.all,
+            agents: state.agents.iter().cloned().collect(),
+        })
+    }
+}
+
+/// The audit record of a kill switch change.
+#[derive(serde::Serialize)]
+struct KillSwitchRecord {
+    kind: &'static str,
+    on: bool,
+    target: String,
+    by_uid: u32,
+    by_pid: Option<u32>,
 }
 
 async fn report_events(mut reader: AsyncEventReader, node: Arc<Node>) {

@@ -34,6 +34,9 @@ pub enum Request {
     },
     /// Report whether the agent is up.
     Status,
+    /// Turn a kill switch on or off: `agent` by name (every tenant), or every agent when
+    /// `None`.
+    KillSwitch { on: bool, agent: Option<String> },
 }
 
 /// The agent's reply.
@@ -58,6 +61,11 @@ pub enum Reply {
         /// Addresses learned from DNS, all identities together.
         learned: usize,
     },
+    /// The kill switches on after the change.
+    KillSwitch {
+        all: bool,
+        agents: Vec<String>,
+    },
     Error {
         message: String,
     },
@@ -72,6 +80,18 @@ pub trait Handler: Send + Sync + 'static {
     fn exec(&self, pid: u32, agent: &str, tenant: Option<&str>) -> Result<Reply, String>;
     /// The agent's status.
     fn status(&self) -> Reply;
+    /// Turns a kill switch on or off, on behalf of the peer `uid`/`pid` (as the kernel
+    /// reports them), for the audit log.
+    ///
+    /// # Errors
+    /// A message for the client.
+    fn kill_switch(
+        &self,
+        on: bool,
+        agent: Option<&str>,
+        uid: u32,
+        pid: Option<u32>,
+    ) -> Result<Reply, String>;
 }
 
 /// Errors of the control client.
@@ -164,10 +184,9 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
 }
 
 async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) -> io::Result<()> {
-    let pid = stream
-        .peer_cred()?
-        .pid()
-        .and_then(|p| u32::try_from(p).ok());
+    let cred = stream.peer_cred()?;
+    let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
+    let uid = cred.uid();
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
@@ -177,6 +196,13 @@ async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) -> io::Result
             message: format!("bad request: {e}"),
         },
         Ok(Request::Status) => handler.status(),
+        Ok(Request::KillSwitch { on, agent }) => {
+            let handler = handler.clone();
+            tokio::task::spawn_blocking(move || handler.kill_switch(on, agent.as_deref(), uid, pid))
+                .await
+                .map_err(io::Error::other)?
+                .unwrap_or_else(|message| Reply::Error { message })
+        }
         Ok(Request::Exec { agent, tenant }) => match pid {
             None => Reply::Error {
                 message: "the kernel gave no peer pid".into(),
@@ -219,6 +245,15 @@ mod tests {
                 policies: 3,
                 learned: 0,
             }
+        }
+        fn kill_switch(
+            &self,
+            _on: bool,
+            _agent: Option<&str>,
+            _uid: u32,
+            _pid: Option<u32>,
+        ) -> Result<Reply, String> {
+            Err("not here".into())
         }
     }
 

@@ -16,12 +16,13 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use aegis_common::{
-    CONFIG_F_DNS6, CONFIG_F_L7_6, IDENTITY_F_DENY_RAW, IDENTITY_F_SHADOW, IdentityValue, L7Orig,
-    NodeConfig,
+    CONFIG_F_DNS6, CONFIG_F_L7_6, IDENTITY_F_DENY_RAW, IDENTITY_F_KILLED, IDENTITY_F_SHADOW,
+    IdentityValue, L7Orig, NodeConfig,
 };
 use ipnet::IpNet;
 
@@ -29,6 +30,7 @@ use crate::{
     cgroup::{self, CgroupError},
     ebpf::{self, Datapath, DatapathError},
     identity::{Identity, IdentityCgroup},
+    killswitch::KillSwitch,
     policy::{Mode, Policy, PolicySet, Ports},
 };
 use learned::{LearnedStore, egress_value};
@@ -98,6 +100,7 @@ pub struct Enforcer {
     ports: HashMap<u32, u16>,
     names: HashMap<u32, Identity>,
     level_mask: u32,
+    kill: Arc<KillSwitch>,
 }
 
 impl Enforcer {
@@ -110,6 +113,7 @@ impl Enforcer {
         datapath: Datapath,
         settings: Settings,
         max_learned: usize,
+        kill: Arc<KillSwitch>,
     ) -> Result<Enforcer, EnforcerError> {
         let mut learned = LearnedStore::new(max_learned);
         for (identity, addr, value) in datapath.learned() {
@@ -128,6 +132,7 @@ impl Enforcer {
             ports,
             names: HashMap::new(),
             level_mask: 0,
+            kill,
         };
         enforcer.write_config()?;
         Ok(enforcer)
@@ -211,6 +216,7 @@ impl Enforcer {
                 port,
                 self.l7_port(port),
                 policy.map(AsRef::as_ref),
+                self.kill.is_killed(cg.identity.agent.as_str()),
             ),
         )?;
         let level = cgroup::level(&self.settings.cgroup2, &cg.path);
@@ -288,7 +294,13 @@ impl Enforcer {
             let port = self.port_for(&identity)?;
             self.datapath.set_identity(
                 cgroup_id,
-                identity_value(&identity, port, self.l7_port(port), policy),
+                identity_value(
+                    &identity,
+                    port,
+                    self.l7_port(port),
+                    policy,
+                    self.kill.is_killed(identity.agent.as_str()),
+                ),
             )?;
             if done.insert(identity.clone()) {
                 self.sync_cidrs(&identity, policy)?;
@@ -435,14 +447,19 @@ impl Enforcer {
     }
 }
 
-/// The kernel identity value for `identity` under `policy` (none: deny everything).
+/// The kernel identity value for `identity` under `policy` (none: deny everything), with its
+/// kill switch on or off.
 fn identity_value(
     identity: &Identity,
     dns_port: u16,
     l7_port: Option<u16>,
     policy: Option<&Policy>,
+    killed: bool,
 ) -> IdentityValue {
     let mut flags = 0;
+    if killed {
+        flags |= IDENTITY_F_KILLED;
+    }
     if policy.is_none_or(|p| p.deny_raw_sockets) {
         flags |= IDENTITY_F_DENY_RAW;
     }

@@ -31,6 +31,7 @@ use crate::{
     audit::AuditLog,
     egress::Enforcer,
     identity::Identity,
+    killswitch::KillSwitch,
     policy::PolicySet,
     telemetry::{self, L7Record},
 };
@@ -68,6 +69,7 @@ struct Shared {
     policies: Arc<ArcSwap<PolicySet>>,
     decider: Arc<dyn Decider>,
     audit: AuditLog,
+    kill: Arc<KillSwitch>,
     bound: Mutex<HashSet<u16>>,
 }
 
@@ -92,6 +94,8 @@ enum Refusal {
     Upstream { upstream: String, message: String },
     #[error("policy: {0}")]
     Policy(String),
+    #[error("the kill switch of agent {agent} is on")]
+    Killed { agent: String },
 }
 
 impl Refusal {
@@ -107,6 +111,7 @@ impl Refusal {
             Refusal::Body(_) => "body_unreadable",
             Refusal::Upstream { .. } => "upstream_failed",
             Refusal::Policy(_) => "policy_error",
+            Refusal::Killed { .. } => "kill_switch",
         }
     }
 
@@ -153,6 +158,7 @@ impl L7Proxy {
         policies: Arc<ArcSwap<PolicySet>>,
         decider: Arc<dyn Decider>,
         audit: AuditLog,
+        kill: Arc<KillSwitch>,
     ) -> L7Proxy {
         let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -171,6 +177,7 @@ impl L7Proxy {
                 policies,
                 decider,
                 audit,
+                kill,
                 bound: Mutex::new(HashSet::new()),
             }),
             runtimes: runtimes.into(),
@@ -347,6 +354,12 @@ async fn decide_and_forward(
     record: &mut L7Record,
 ) -> (Response<Body>, Option<Refusal>) {
     let refuse = |refusal: Refusal| (error_response(&refusal), Some(refusal));
+    // Checked per request: connections opened before the switch was turned on are cut too.
+    if shared.kill.is_killed(conn.identity.agent.as_str()) {
+        return refuse(Refusal::Killed {
+            agent: conn.identity.agent.to_string(),
+        });
+    }
     let host = req
         .uri()
         .host()
@@ -451,6 +464,9 @@ async fn forward(
         upstream: format!("{} ({})", conn.sni, conn.origin),
         message,
     };
+    // The response goes back in the workload's HTTP version, whatever the upstream spoke (an
+    // HTTP/1.0 upstream must not make the workload's keep-alive connection close).
+    let client_version = req.version();
     let mut slot = conn.upstream.lock().await;
     let closed = match slot.as_ref() {
         None => true,
@@ -518,6 +534,7 @@ async fn forward(
     }
     .map_err(|e| upstream_err(e.to_string()))?;
     let (mut parts, body) = response.into_parts();
+    parts.version = client_version;
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed()))
 }
