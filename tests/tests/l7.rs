@@ -667,3 +667,37 @@ call()
         w.diagnostics()
     );
 }
+
+/// `rate_limit: {requests_per_second: 1, burst: 3}`: six calls back to back on one keep-alive
+/// connection; the first three pass, the rest get 429 with Retry-After and a JSON body.
+#[test]
+fn rate_limit_passes_the_burst_then_answers_429_with_retry_after() {
+    let limited = FINANCE_POLICY.replacen(
+        "version: 5\n",
+        "version: 5\nrate_limit: { requests_per_second: 1, burst: 3 }\n",
+        1,
+    );
+    // Written after the default one, under the same file name: it replaces it.
+    let w = world_with(|b| b.policy("finance.yaml", &limited));
+    let url = "https://api.stripe.com/v1/charges";
+    let mut args = vec!["-i"];
+    for _ in 0..6 {
+        args.push(url);
+    }
+    let (code, out, err) = curl(&w, FINANCE, &args);
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    // Bodies end without a newline, so a status line may follow one on the same line (curl
+    // negotiates HTTP/2 with the enforcer).
+    let statuses: Vec<&str> = out
+        .split("HTTP/2 ")
+        .skip(1)
+        .map(|r| r.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        statuses,
+        ["200", "200", "200", "429", "429", "429"],
+        "{out}"
+    );
+    assert!(out.to_ascii_lowercase().contains("retry-after: 1"), "{out}");
+    assert!(out.contains(r#""reason":"RateLimited""#), "{out}");
+}

@@ -7,6 +7,7 @@
 
 pub mod ca;
 pub mod decide;
+pub mod limits;
 pub mod proxy;
 
 use crate::identity::Identity;

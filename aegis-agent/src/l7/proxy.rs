@@ -26,13 +26,13 @@ use rustls::{ServerConfig, pki_types::ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
-use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa};
+use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa, limits::RateLimits};
 use crate::{
     audit::AuditLog,
     egress::Enforcer,
     identity::Identity,
     killswitch::KillSwitch,
-    policy::PolicySet,
+    policy::{Mode, PolicySet},
     telemetry::{self, L7Record},
 };
 
@@ -70,6 +70,7 @@ struct Shared {
     decider: Arc<dyn Decider>,
     audit: AuditLog,
     kill: Arc<KillSwitch>,
+    limits: RateLimits,
     bound: Mutex<HashSet<u16>>,
 }
 
@@ -96,6 +97,8 @@ enum Refusal {
     Policy(String),
     #[error("the kill switch of agent {agent} is on")]
     Killed { agent: String },
+    #[error("over the policy's rate limit; retry after {retry_after:?}")]
+    RateLimited { retry_after: Duration },
 }
 
 impl Refusal {
@@ -112,6 +115,7 @@ impl Refusal {
             Refusal::Upstream { .. } => "upstream_failed",
             Refusal::Policy(_) => "policy_error",
             Refusal::Killed { .. } => "kill_switch",
+            Refusal::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -123,6 +127,7 @@ impl Refusal {
             Refusal::Body(_) => StatusCode::BAD_REQUEST,
             Refusal::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Refusal::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -178,6 +183,7 @@ impl L7Proxy {
                 decider,
                 audit,
                 kill,
+                limits: RateLimits::default(),
                 bound: Mutex::new(HashSet::new()),
             }),
             runtimes: runtimes.into(),
@@ -360,6 +366,22 @@ async fn decide_and_forward(
             agent: conn.identity.agent.to_string(),
         });
     }
+    // Every request counts against the identity's rate, before any work on it.
+    let mut would_rate_limit = false;
+    let limited = shared
+        .policies
+        .load()
+        .for_identity(conn.identity.agent.as_str(), conn.identity.tenant.as_str())
+        .and_then(|p| Some((p.rate_limit?, p.mode)));
+    if let Some((limit, mode)) = limited
+        && let Err(retry_after) = shared.limits.check(&conn.identity, limit)
+    {
+        if mode == Mode::Shadow {
+            would_rate_limit = true;
+        } else {
+            return refuse(Refusal::RateLimited { retry_after });
+        }
+    }
     let host = req
         .uri()
         .host()
@@ -416,6 +438,10 @@ async fn decide_and_forward(
     record.decision = decision.verdict.name();
     record.would = decision.would.clone();
     record.reason = decision.reason.clone();
+    if would_rate_limit {
+        record.would = Some("deny".into());
+        record.reason = format!("{}; would be rate_limited", record.reason);
+    }
     record.tool = decision.tool.clone();
     record.action = decision.action.clone();
     record.policy_version = decision.policy_version;
@@ -599,6 +625,18 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> 
 }
 
 fn error_response(refusal: &Refusal) -> Response<Body> {
+    if let Refusal::RateLimited { retry_after } = refusal {
+        // A policy outcome, worded like the other policy refusals (docs/l7.md), with the
+        // standard Retry-After in whole seconds (RFC 9110 section 10.2.3).
+        let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let mut resp = json_response(
+            refusal.status(),
+            serde_json::json!({"error": "policy_violation", "reason": "RateLimited", "retry_after_s": seconds, "message": refusal.to_string()}),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        return resp;
+    }
     json_response(
         refusal.status(),
         serde_json::json!({"error": "aegis_refused", "reason": refusal.reason(), "message": refusal.to_string()}),

@@ -28,6 +28,20 @@ pub(super) struct RawPolicy {
     pub tools: Vec<Tool>,
     #[serde(default)]
     pub dlp: RawDlp,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `rate_limit`: the identity's L7 request rate, enforced by GCRA (a token bucket refilled at
+/// `requests_per_second`, holding at most `burst`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained rate, requests per second (1 or more).
+    pub requests_per_second: std::num::NonZeroU32,
+    /// Requests allowed back to back after a quiet period (default: `requests_per_second`).
+    #[serde(default)]
+    pub burst: Option<std::num::NonZeroU32>,
 }
 
 /// The `dlp` section: policy-defined detectors, named by actions' `sanitize` lists.

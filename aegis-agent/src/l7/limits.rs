@@ -1,0 +1,89 @@
+//! Per-identity L7 request rate limits (the policy's `rate_limit`), GCRA by `governor`.
+//!
+//! One limiter per (agent, tenant), created on the identity's first request and replaced when
+//! its policy's quota changes (a reload starts the new quota with a full bucket). Every request
+//! counts, refused ones included, so a client hammering a denied endpoint is slowed down too.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use governor::{
+    DefaultDirectRateLimiter, Quota, RateLimiter,
+    clock::{Clock as _, DefaultClock},
+};
+
+use crate::{identity::Identity, policy::RateLimit};
+
+/// Limiters kept at most; beyond, the map is cleared (buckets start full again).
+const MAX_LIMITERS: usize = 65_536;
+
+/// (agent, tenant).
+type Key = (String, String);
+
+/// The node's rate limiters: each identity's quota and bucket.
+#[derive(Default)]
+pub struct RateLimits {
+    limiters: Mutex<HashMap<Key, (RateLimit, Arc<DefaultDirectRateLimiter>)>>,
+}
+
+impl RateLimits {
+    /// Takes one request of `identity` under `limit`: `Ok`, or `Err(wait)` when over the rate,
+    /// with how long until a request would pass.
+    pub fn check(&self, identity: &Identity, limit: RateLimit) -> Result<(), Duration> {
+        let limiter = {
+            let mut map = self.limiters.lock().expect("lock poisoned");
+            let key = (identity.agent.to_string(), identity.tenant.to_string());
+            match map.get(&key) {
+                Some((l, limiter)) if *l == limit => limiter.clone(),
+                _ => {
+                    if map.len() >= MAX_LIMITERS {
+                        map.clear();
+                    }
+                    let quota = Quota::per_second(limit.requests_per_second)
+                        .allow_burst(limit.burst.unwrap_or(limit.requests_per_second));
+                    let limiter = Arc::new(RateLimiter::direct(quota));
+                    map.insert(key, (limit, limiter.clone()));
+                    limiter
+                }
+            }
+        };
+        limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+
+    #[test]
+    fn a_burst_passes_then_the_rate_holds_per_identity() {
+        let limits = RateLimits::default();
+        let limit = RateLimit {
+            requests_per_second: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::new(3),
+        };
+        let a = Identity::new("a", None).unwrap();
+        let b = Identity::new("b", None).unwrap();
+        for _ in 0..3 {
+            assert!(limits.check(&a, limit).is_ok());
+        }
+        let wait = limits.check(&a, limit).expect_err("over the burst");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(
+            limits.check(&b, limit).is_ok(),
+            "another identity has its own bucket"
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(limits.check(&a, limit).is_ok(), "refilled at 1/s");
+    }
+}
