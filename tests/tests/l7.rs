@@ -681,9 +681,7 @@ fn rate_limit_passes_the_burst_then_answers_429_with_retry_after() {
     let w = world_with(|b| b.policy("finance.yaml", &limited));
     let url = "https://api.stripe.com/v1/charges";
     let mut args = vec!["-i"];
-    for _ in 0..6 {
-        args.push(url);
-    }
+    args.extend(std::iter::repeat_n(url, 6));
     let (code, out, err) = curl(&w, FINANCE, &args);
     assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
     // Bodies end without a newline, so a status line may follow one on the same line (curl
