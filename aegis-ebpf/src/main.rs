@@ -194,7 +194,20 @@ fn decide(
     if reason == REASON_NONE {
         return ALLOW;
     }
-    let d = Denial {
+    deny(ctx, c, &denial(reason, hook, family, addr, port, sa))
+}
+
+/// The event fields of a refused sock_addr call.
+#[inline(always)]
+fn denial(
+    reason: u32,
+    hook: u32,
+    family: u32,
+    addr: [u8; 16],
+    port: u16,
+    sa: &bpf_sock_addr,
+) -> Denial {
+    Denial {
         reason,
         hook,
         family,
@@ -202,8 +215,7 @@ fn decide(
         protocol: sa.protocol as u16,
         sock_type: sa.type_,
         addr,
-    };
-    deny(ctx, c, &d)
+    }
 }
 
 /// The kill switch: reports the call and refuses it, in shadow mode too.
@@ -217,16 +229,7 @@ fn killed(
     port: u16,
     sa: &bpf_sock_addr,
 ) -> i32 {
-    let d = Denial {
-        reason: REASON_KILLED,
-        hook,
-        family,
-        port,
-        protocol: sa.protocol as u16,
-        sock_type: sa.type_,
-        addr,
-    };
-    refuse(ctx, c, &d)
+    refuse(ctx, c, &denial(REASON_KILLED, hook, family, addr, port, sa))
 }
 
 /// Reports a denial and refuses, whatever the mode.
