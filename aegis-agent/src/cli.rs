@@ -39,6 +39,9 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Agent identity tokens (JWT, EdDSA).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Cut an agent (or every agent) off: every connect, send and L7 call denied, within a
     /// second, until turned off; survives agent restarts.
     KillSwitch(KillSwitchArgs),
@@ -65,6 +68,36 @@ pub struct KillSwitchArgs {
 pub enum OnOff {
     On,
     Off,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a signed token (creating the key, and `<key>.pub`, if absent).
+    Issue {
+        /// Ed25519 private key (PKCS#8 PEM).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        org: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// The agent name the token vouches for (`agent_id`).
+        #[arg(long)]
+        agent: String,
+        /// A scope; repeat for several.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Lifetime in seconds (at most a day).
+        #[arg(long, default_value_t = 300)]
+        ttl_seconds: u64,
+    },
+    /// Verify a token's signature and expiry; print its claims (exit 2 when invalid).
+    Verify {
+        token: String,
+        /// Ed25519 public key (PEM SubjectPublicKeyInfo).
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +176,15 @@ pub struct RunArgs {
     /// Saved kill switch state (`aegis-agent kill-switch`); read at start.
     #[arg(long, default_value = "/var/lib/aegis/kill-switch.json")]
     pub kill_switch_file: PathBuf,
+    /// Public key (PEM) of agent identity tokens; when set, a token presented in
+    /// `--token-header` is verified, bound to the calling workload's identity, used once, and
+    /// stripped before forwarding (an invalid one is refused with 401).
+    #[arg(long)]
+    pub token_key: Option<PathBuf>,
+    /// Header carrying agent tokens (`authorization` takes `Bearer <jwt>`; that header is then
+    /// stripped, so do not pick it when upstream APIs need their own).
+    #[arg(long, default_value = "x-aegis-agent-token")]
+    pub token_header: String,
     /// Largest request body the L7 enforcer accepts, in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body: usize,

@@ -19,6 +19,7 @@ mod killswitch;
 mod l7;
 mod policy;
 mod telemetry;
+mod token;
 
 use std::process::ExitCode;
 

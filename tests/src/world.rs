@@ -1908,7 +1908,8 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8", "replace")
         out = json.dumps({"server": self.server.aegis_name, "method": "POST", "path": self.path,
-                          "content_type": self.headers.get("Content-Type"), "body": body}).encode()
+                          "content_type": self.headers.get("Content-Type"), "body": body,
+                          "agent_token": self.headers.get("X-Aegis-Agent-Token")}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))

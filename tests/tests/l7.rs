@@ -699,3 +699,75 @@ fn rate_limit_passes_the_burst_then_answers_429_with_retry_after() {
     assert!(out.to_ascii_lowercase().contains("retry-after: 1"), "{out}");
     assert!(out.contains(r#""reason":"RateLimited""#), "{out}");
 }
+
+/// Agent tokens (`--token-key`): a valid token of the calling workload passes once and is
+/// stripped before the upstream; a replay, another agent's token (stolen) and a forged one are
+/// refused with 401.
+#[test]
+fn agent_tokens_are_bound_to_the_workload_used_once_and_stripped() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("token.key");
+    let issue = |agent: &str, key: &std::path::Path| {
+        let out = std::process::Command::new(aegis_tests::world::agent_bin())
+            .args([
+                "token",
+                "issue",
+                "--org",
+                "acme-corp",
+                "--agent",
+                agent,
+                "--scope",
+                "payments",
+                "--key",
+            ])
+            .arg(key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let mine = issue("finance-agent", &key);
+    let stolen = issue("support-agent", &key);
+    let forged = issue("finance-agent", &keys.path().join("other.key"));
+    let public = keys.path().join("token.key.pub");
+    let w = world_with(|b| {
+        b.agent_arg("--token-key")
+            .agent_arg(&public.to_string_lossy())
+    });
+    let call = |token: &str| {
+        let header = format!("x-aegis-agent-token: {token}");
+        let (_, out, err) = curl(
+            &w,
+            FINANCE,
+            &[
+                "-H",
+                &header,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"amount": 10}"#,
+                "-w",
+                "\n%{http_code}",
+                "https://api.stripe.com/v1/payment_intents",
+            ],
+        );
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_owned(), body.to_owned(), err)
+    };
+    let (code, body, err) = call(&mine);
+    assert_eq!(code, "200", "{body}{err}\n{}", w.diagnostics());
+    assert_eq!(
+        json(&body, &w)["agent_token"],
+        Value::Null,
+        "stripped: {body}"
+    );
+    for (token, reason) in [
+        (&mine, "token_replayed"),
+        (&stolen, "token_wrong_identity"),
+        (&forged, "token_invalid"),
+    ] {
+        let (code, body, err) = call(token);
+        assert_eq!(code, "401", "{reason}: {body}{err}");
+        assert_eq!(json(&body, &w)["reason"], reason, "{body}");
+    }
+}

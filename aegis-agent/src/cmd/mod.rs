@@ -6,11 +6,12 @@ mod killswitch;
 mod policy;
 mod run;
 mod status;
+mod token;
 mod uninstall;
 
 use std::process::ExitCode;
 
-use crate::cli::{AuditCommand, Cli, Command, PolicyCommand};
+use crate::cli::{AuditCommand, Cli, Command, PolicyCommand, TokenCommand};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -25,6 +26,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policy::bench(&dir, iterations)
         }
         Command::Audit(AuditCommand::Verify { file, key }) => audit::verify(&file, &key),
+        Command::Token(TokenCommand::Issue {
+            key,
+            org,
+            tenant,
+            agent,
+            scopes,
+            ttl_seconds,
+        }) => token::issue(&key, &org, &tenant, &agent, &scopes, ttl_seconds),
+        Command::Token(TokenCommand::Verify { token, key }) => token::verify(&token, &key),
         Command::KillSwitch(args) => killswitch::kill_switch(&args),
         Command::Uninstall(args) => uninstall::uninstall(&args),
     }

@@ -40,6 +40,7 @@ use crate::{
     l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
     policy::{L7Engine, PolicySet},
     telemetry,
+    token::{self, TokenVerifier},
 };
 
 /// How often expired addresses and finished exec cgroups are cleaned up.
@@ -128,6 +129,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         decider.clone(),
         audit.clone(),
         kill.clone(),
+        match &args.token_key {
+            None => None,
+            Some(path) => Some(TokenVerifier::new(
+                token::decoding_key(path)?,
+                &args.token_header,
+            )),
+        },
     );
     let node = Arc::new(Node {
         l7,

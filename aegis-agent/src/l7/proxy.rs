@@ -34,6 +34,7 @@ use crate::{
     killswitch::KillSwitch,
     policy::{Mode, PolicySet},
     telemetry::{self, L7Record},
+    token::{TokenError, TokenVerifier},
 };
 
 /// Time allowed for the client's TLS handshake.
@@ -71,6 +72,7 @@ struct Shared {
     audit: AuditLog,
     kill: Arc<KillSwitch>,
     limits: RateLimits,
+    tokens: Option<TokenVerifier>,
     bound: Mutex<HashSet<u16>>,
 }
 
@@ -99,6 +101,8 @@ enum Refusal {
     Killed { agent: String },
     #[error("over the policy's rate limit; retry after {retry_after:?}")]
     RateLimited { retry_after: Duration },
+    #[error("agent token: {0}")]
+    Token(TokenError),
 }
 
 impl Refusal {
@@ -116,6 +120,9 @@ impl Refusal {
             Refusal::Policy(_) => "policy_error",
             Refusal::Killed { .. } => "kill_switch",
             Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::Token(TokenError::Replayed(_)) => "token_replayed",
+            Refusal::Token(TokenError::WrongIdentity { .. }) => "token_wrong_identity",
+            Refusal::Token(_) => "token_invalid",
         }
     }
 
@@ -128,6 +135,7 @@ impl Refusal {
             Refusal::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Refusal::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::Token(_) => StatusCode::UNAUTHORIZED,
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -164,6 +172,7 @@ impl L7Proxy {
         decider: Arc<dyn Decider>,
         audit: AuditLog,
         kill: Arc<KillSwitch>,
+        tokens: Option<TokenVerifier>,
     ) -> L7Proxy {
         let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -184,6 +193,7 @@ impl L7Proxy {
                 audit,
                 kill,
                 limits: RateLimits::default(),
+                tokens,
                 bound: Mutex::new(HashSet::new()),
             }),
             runtimes: runtimes.into(),
@@ -394,6 +404,16 @@ async fn decide_and_forward(
         })
         .unwrap_or_default()
         .to_ascii_lowercase();
+    // An agent token, when presented: valid, this workload's, unused; then stripped below.
+    if let Some(verifier) = &shared.tokens
+        && let Some(value) = req.headers().get(verifier.header.as_str())
+    {
+        let value = value.to_str().unwrap_or("");
+        match verifier.check(value, &conn.identity) {
+            Ok(claims) => record.token_jti = Some(claims.jti),
+            Err(e) => return refuse(Refusal::Token(e)),
+        }
+    }
     if host != conn.sni {
         return refuse(Refusal::HostMismatch {
             host,
@@ -408,7 +428,10 @@ async fn decide_and_forward(
     if declared.is_some_and(|n| n > limit) {
         return refuse(Refusal::TooLarge { limit });
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if let Some(verifier) = &shared.tokens {
+        parts.headers.remove(verifier.header.as_str());
+    }
     let body = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e)

@@ -209,6 +209,9 @@ pub struct L7Record {
     pub estimated_cost_usd: Option<f64>,
     /// DLP matches redacted before forwarding.
     pub redactions: usize,
+    /// `jti` of the agent token the request presented and that was accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_jti: Option<String>,
     /// HTTP status returned to the workload.
     pub status: Option<u16>,
     /// Time from the request's arrival to the decision's effect (forwarded response headers or
