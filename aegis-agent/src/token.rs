@@ -183,15 +183,19 @@ mod tests {
         let me = Identity::new("finance-agent", Some("acme")).unwrap();
         let other = Identity::new("support-agent", Some("acme")).unwrap();
         let scopes = vec!["payments:write".to_owned()];
-        let t = issue(
-            &pem,
-            "org1",
-            "acme",
-            "finance-agent",
-            &scopes,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        // A finance-agent@acme token signed with `pem`, valid for `secs`.
+        let mint = |pem: &[u8], secs: u64| {
+            issue(
+                pem,
+                "org1",
+                "acme",
+                "finance-agent",
+                &scopes,
+                Duration::from_secs(secs),
+            )
+            .unwrap()
+        };
+        let t = mint(&pem, 60);
         let claims = verifier.check(&format!("Bearer {t}"), &me).unwrap();
         assert_eq!(
             (claims.org.as_str(), claims.scopes.clone()),
@@ -201,15 +205,7 @@ mod tests {
             verifier.check(&t, &me),
             Err(TokenError::Replayed(_))
         ));
-        let t = issue(
-            &pem,
-            "org1",
-            "acme",
-            "finance-agent",
-            &scopes,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let t = mint(&pem, 60);
         assert!(matches!(
             verifier.check(&t, &other),
             Err(TokenError::WrongIdentity { .. })
@@ -223,28 +219,12 @@ mod tests {
         ));
         let other_key = dir.path().join("other.key");
         AuditKey::load_or_create(&other_key).unwrap();
-        let forged = issue(
-            &std::fs::read(&other_key).unwrap(),
-            "org1",
-            "acme",
-            "finance-agent",
-            &scopes,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let forged = mint(&std::fs::read(&other_key).unwrap(), 60);
         assert!(matches!(
             verifier.check(&forged, &me),
             Err(TokenError::Invalid(_))
         ));
-        let short = issue(
-            &pem,
-            "org1",
-            "acme",
-            "finance-agent",
-            &scopes,
-            Duration::from_secs(1),
-        )
-        .unwrap();
+        let short = mint(&pem, 1);
         std::thread::sleep(Duration::from_millis(2100));
         assert!(matches!(
             verifier.check(&short, &me),
