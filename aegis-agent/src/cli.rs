@@ -176,6 +176,9 @@ pub struct RunArgs {
     /// Saved kill switch state (`aegis-agent kill-switch`); read at start.
     #[arg(long, default_value = "/var/lib/aegis/kill-switch.json")]
     pub kill_switch_file: PathBuf,
+    /// Embedded state (redb): budgets spent per identity and period.
+    #[arg(long, default_value = "/var/lib/aegis/state.redb")]
+    pub state_db: PathBuf,
     /// Public key (PEM) of agent identity tokens; when set, a token presented in
     /// `--token-header` is verified, bound to the calling workload's identity, used once, and
     /// stripped before forwarding (an invalid one is refused with 401).

@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 mod audit;
+mod budget;
 mod cgroup;
 mod cli;
 mod cmd;

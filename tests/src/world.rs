@@ -560,6 +560,8 @@ impl World {
             .arg(self.dir.join("audit.key"))
             .arg("--kill-switch-file")
             .arg(self.dir.join("kill-switch.json"))
+            .arg("--state-db")
+            .arg(self.dir.join("state.redb"))
             .arg("--ca-cert")
             .arg(self.node_ca())
             .arg("--ca-key")

@@ -771,3 +771,60 @@ fn agent_tokens_are_bound_to_the_workload_used_once_and_stripped() {
         assert_eq!(json(&body, &w)["reason"], reason, "{body}");
     }
 }
+
+/// `budget: {daily_usd: 5}` and reads priced at 1 USD: twelve concurrent calls, each on its own
+/// connection, spend exactly the budget (five pass, seven get 402 BudgetExceeded), and a
+/// restarted agent still knows the budget is spent.
+#[test]
+fn a_budget_is_never_overspent_by_concurrent_calls_and_survives_a_restart() {
+    let priced = FINANCE_POLICY
+        .replacen(
+            "version: 5\n",
+            "version: 5\nbudget: { daily_usd: 5, monthly_usd: 100 }\n",
+            1,
+        )
+        .replacen(
+            "        path: /**\n",
+            "        path: /**\n        price_usd: 1\n",
+            1,
+        );
+    assert!(priced.contains("price_usd: 1"), "{priced}");
+    let mut w = world_with(|b| b.policy("finance.yaml", &priced));
+    let ca = w.node_ca().to_string_lossy().into_owned();
+    let script = r#"
+import json, ssl, sys, threading, urllib.request, urllib.error
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+codes, lock = [], threading.Lock()
+def call():
+    try:
+        code = urllib.request.urlopen("https://api.stripe.com/v1/charges", timeout=20, context=ctx).status
+        reason = ""
+    except urllib.error.HTTPError as e:
+        code, reason = e.code, json.load(e).get("reason", "")
+    with lock:
+        codes.append((code, reason))
+threads = [threading.Thread(target=call) for _ in range(int(sys.argv[2]))]
+for t in threads: t.start()
+for t in threads: t.join()
+for c, r in sorted(codes): print(c, r)
+"#;
+    let python = w.python().to_string_lossy().into_owned();
+    let run = |w: &World, n: &str| {
+        let out = w.pod_exec(1, FINANCE, &[&python, "-c", script, &ca, n]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            describe(&out),
+            w.diagnostics()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = run(&w, "12");
+    let passed = out.lines().filter(|l| l.starts_with("200")).count();
+    let refused = out.lines().filter(|l| *l == "402 BudgetExceeded").count();
+    assert_eq!((passed, refused), (5, 7), "{out}");
+    w.kill_agent();
+    w.start_agent();
+    let out = run(&w, "1");
+    assert_eq!(out.trim(), "402 BudgetExceeded", "after a restart: {out}");
+}

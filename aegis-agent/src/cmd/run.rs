@@ -29,6 +29,7 @@ use tokio::{
 
 use crate::{
     audit::{AuditLog, chain::AuditKey},
+    budget::RedbStore,
     cgroup,
     cli::RunArgs,
     control::{self, Handler, Reply},
@@ -136,6 +137,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
                 &args.token_header,
             )),
         },
+        Arc::new(RedbStore::open(&args.state_db)?),
     );
     let node = Arc::new(Node {
         l7,

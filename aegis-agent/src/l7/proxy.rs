@@ -29,6 +29,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa, limits::RateLimits};
 use crate::{
     audit::AuditLog,
+    budget::{self, BudgetError, BudgetStore},
     egress::Enforcer,
     identity::Identity,
     killswitch::KillSwitch,
@@ -73,6 +74,7 @@ struct Shared {
     kill: Arc<KillSwitch>,
     limits: RateLimits,
     tokens: Option<TokenVerifier>,
+    budgets: Arc<dyn BudgetStore>,
     bound: Mutex<HashSet<u16>>,
 }
 
@@ -103,6 +105,10 @@ enum Refusal {
     RateLimited { retry_after: Duration },
     #[error("agent token: {0}")]
     Token(TokenError),
+    #[error("{0}")]
+    BudgetExceeded(String),
+    #[error("budget store unavailable (fail closed): {0}")]
+    BudgetStore(String),
 }
 
 impl Refusal {
@@ -123,6 +129,8 @@ impl Refusal {
             Refusal::Token(TokenError::Replayed(_)) => "token_replayed",
             Refusal::Token(TokenError::WrongIdentity { .. }) => "token_wrong_identity",
             Refusal::Token(_) => "token_invalid",
+            Refusal::BudgetExceeded(_) => "budget_exceeded",
+            Refusal::BudgetStore(_) => "budget_store_unavailable",
         }
     }
 
@@ -136,6 +144,8 @@ impl Refusal {
             Refusal::Policy(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Token(_) => StatusCode::UNAUTHORIZED,
+            Refusal::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
+            Refusal::BudgetStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -173,6 +183,7 @@ impl L7Proxy {
         audit: AuditLog,
         kill: Arc<KillSwitch>,
         tokens: Option<TokenVerifier>,
+        budgets: Arc<dyn BudgetStore>,
     ) -> L7Proxy {
         let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -194,6 +205,7 @@ impl L7Proxy {
                 kill,
                 limits: RateLimits::default(),
                 tokens,
+                budgets,
                 bound: Mutex::new(HashSet::new()),
             }),
             runtimes: runtimes.into(),
@@ -378,11 +390,14 @@ async fn decide_and_forward(
     }
     // Every request counts against the identity's rate, before any work on it.
     let mut would_rate_limit = false;
-    let limited = shared
+    let (rate_limit, budget, mode) = shared
         .policies
         .load()
         .for_identity(conn.identity.agent.as_str(), conn.identity.tenant.as_str())
-        .and_then(|p| Some((p.rate_limit?, p.mode)));
+        .map_or((None, None, Mode::Enforce), |p| {
+            (p.rate_limit, p.budget, p.mode)
+        });
+    let limited = rate_limit.map(|l| (l, mode));
     if let Some((limit, mode)) = limited
         && let Err(retry_after) = shared.limits.check(&conn.identity, limit)
     {
@@ -483,6 +498,35 @@ async fn decide_and_forward(
             return (decision_response(&decision), None);
         }
     };
+    // A priced call is charged to the identity's budget before it leaves, refunded if it
+    // does not get through.
+    let mut charged = None;
+    if let (Some(b), Some(cost)) = (budget, decision.estimated_cost_usd)
+        && cost > 0.0
+    {
+        let periods = budget::periods(
+            &conn.identity.to_string(),
+            b.daily_usd,
+            b.monthly_usd,
+            chrono::Utc::now(),
+        );
+        let amount = budget::micros(cost);
+        let (store, to_charge) = (shared.budgets.clone(), periods.clone());
+        let result = tokio::task::spawn_blocking(move || store.charge(&to_charge, amount))
+            .await
+            .unwrap_or_else(|e| Err(BudgetError::Store(e.to_string())));
+        match result {
+            Ok(()) => charged = Some((periods, amount)),
+            Err(e @ BudgetError::Exceeded { .. }) if mode == Mode::Shadow => {
+                record.would = Some("deny".into());
+                record.reason = format!("{}; would be budget_exceeded: {e}", record.reason);
+            }
+            Err(e @ BudgetError::Exceeded { .. }) => {
+                return refuse(Refusal::BudgetExceeded(e.to_string()));
+            }
+            Err(e) => return refuse(Refusal::BudgetStore(e.to_string())),
+        }
+    }
     let length = forward_body.len();
     let mut upstream_req = Request::from_parts(
         parts,
@@ -498,7 +542,17 @@ async fn decide_and_forward(
     }
     match forward(shared, conn, upstream_req).await {
         Ok(resp) => (resp, None),
-        Err(refusal) => refuse(refusal),
+        Err(refusal) => {
+            if let Some((periods, amount)) = charged {
+                let store = shared.budgets.clone();
+                let refunded =
+                    tokio::task::spawn_blocking(move || store.refund(&periods, amount)).await;
+                if !matches!(refunded, Ok(Ok(()))) {
+                    tracing::error!(target: "aegis::l7", identity = %conn.identity, amount_micro_usd = amount, "budget refund failed after an upstream failure");
+                }
+            }
+            refuse(refusal)
+        }
     }
 }
 
@@ -648,6 +702,12 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> 
 }
 
 fn error_response(refusal: &Refusal) -> Response<Body> {
+    if let Refusal::BudgetExceeded(message) = refusal {
+        return json_response(
+            refusal.status(),
+            serde_json::json!({"error": "policy_violation", "reason": "BudgetExceeded", "message": message}),
+        );
+    }
     if let Refusal::RateLimited { retry_after } = refusal {
         // A policy outcome, worded like the other policy refusals (docs/l7.md), with the
         // standard Retry-After in whole seconds (RFC 9110 section 10.2.3).

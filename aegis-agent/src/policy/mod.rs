@@ -37,7 +37,7 @@ pub use cases::{run_cases, run_cases_timed, time_mix};
 )]
 pub use engine::{Backend, DEFAULT_EVAL_LIMIT, L7Decision, L7Engine, L7Error, L7Request};
 pub use l7::{CustomDetector, DLP_KINDS, L7Verdict, Tool};
-pub use raw::{FqdnPattern, Name, RateLimit};
+pub use raw::{Budget, FqdnPattern, Name, RateLimit};
 pub use rego::compile_bundle;
 
 /// Most distinct ports an identity's egress rules may name together: the kernel's allowlist
@@ -110,6 +110,8 @@ pub struct Policy {
     pub dlp_custom: Vec<CustomDetector>,
     /// Rate of the identity's L7 requests, if limited.
     pub rate_limit: Option<RateLimit>,
+    /// Spend limits of the identity's priced calls, if any.
+    pub budget: Option<Budget>,
     /// Name of the policy's Rego package below `data.aegis.policy` (see [`rego_id`]).
     pub rego_id: String,
 }
@@ -401,6 +403,7 @@ fn parse(file: &Path, text: &str) -> Result<Policy, PolicyError> {
         tools: raw.tools,
         dlp_custom: raw.dlp.custom,
         rate_limit: raw.rate_limit,
+        budget: raw.budget,
         rego_id,
     })
 }

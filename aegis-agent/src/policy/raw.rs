@@ -30,6 +30,19 @@ pub(super) struct RawPolicy {
     pub dlp: RawDlp,
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub budget: Option<Budget>,
+}
+
+/// `budget`: USD the identity may spend on priced calls (actions' `price_usd`) per UTC day and
+/// per UTC month. Over it, calls are refused (402) until the period turns.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    #[serde(default)]
+    pub daily_usd: Option<f64>,
+    #[serde(default)]
+    pub monthly_usd: Option<f64>,
 }
 
 /// `rate_limit`: the identity's L7 request rate, enforced by GCRA (a token bucket refilled at

@@ -1,0 +1,206 @@
+//! Spend budgets per identity: the policy's `budget` (USD per UTC day and per UTC month),
+//! charged with the price of each call before it is forwarded.
+//!
+//! Amounts are integer micro-USD. A charge is all-or-nothing across the periods it counts
+//! against and is checked and written in one transaction of the store, so N concurrent calls
+//! never spend past the limit (with fixed prices the reservation is the cost; a call that
+//! fails upstream is refunded). State lives behind [`BudgetStore`]; the embedded backend is
+//! redb, durable across agent restarts (each charge is one committed, fsync'd transaction).
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use redb::{Database, ReadableTable as _, TableDefinition};
+
+/// Spent micro-USD by `"<agent>@<tenant>|day:YYYY-MM-DD"` or `"...|month:YYYY-MM"`.
+const SPENT: TableDefinition<&str, u64> = TableDefinition::new("spent_micro_usd");
+
+/// A USD amount in micro-USD (rounded up: a price is never under-charged).
+pub fn micros(usd: f64) -> u64 {
+    (usd * 1e6).ceil().max(0.0) as u64
+}
+
+/// One budget period a charge counts against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Period {
+    /// Store key (identity and period).
+    pub key: String,
+    /// Limit in micro-USD.
+    pub limit: u64,
+    /// `day` or `month`, for messages.
+    pub name: &'static str,
+}
+
+/// The periods of `identity` (its `Display`, `agent@tenant`) at `now` under the policy limits.
+pub fn periods(
+    identity: &str,
+    daily_usd: Option<f64>,
+    monthly_usd: Option<f64>,
+    now: DateTime<Utc>,
+) -> Vec<Period> {
+    let mut out = Vec::new();
+    if let Some(d) = daily_usd {
+        out.push(Period {
+            key: format!("{identity}|day:{}", now.format("%Y-%m-%d")),
+            limit: micros(d),
+            name: "day",
+        });
+    }
+    if let Some(m) = monthly_usd {
+        out.push(Period {
+            key: format!("{identity}|month:{}", now.format("%Y-%m")),
+            limit: micros(m),
+            name: "month",
+        });
+    }
+    out
+}
+
+/// Why a charge did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error(
+        "{period} budget exceeded: spent {spent} of {limit} micro-USD, this call costs {amount}"
+    )]
+    Exceeded {
+        period: &'static str,
+        spent: u64,
+        limit: u64,
+        amount: u64,
+    },
+    #[error("budget store: {0}")]
+    Store(String),
+}
+
+/// Where spend is kept. Implementations make [`BudgetStore::charge`] atomic.
+pub trait BudgetStore: Send + Sync {
+    /// Adds `amount` to every period if none would pass its limit; otherwise changes nothing.
+    ///
+    /// # Errors
+    /// [`BudgetError::Exceeded`] naming the first period that would pass, or a store failure.
+    fn charge(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError>;
+    /// Takes `amount` back from every period (a call that was not delivered).
+    ///
+    /// # Errors
+    /// A store failure.
+    fn refund(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError>;
+}
+
+/// The embedded, durable store (redb).
+pub struct RedbStore {
+    db: Database,
+}
+
+fn store_err(e: impl std::fmt::Display) -> BudgetError {
+    BudgetError::Store(e.to_string())
+}
+
+impl RedbStore {
+    /// Opens (creating) the database at `path`.
+    ///
+    /// # Errors
+    /// The file cannot be created or is not a redb database.
+    pub fn open(path: &Path) -> Result<RedbStore, BudgetError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(store_err)?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| BudgetError::Store(format!("{}: {e}", path.display())))?;
+        Ok(RedbStore { db })
+    }
+
+    fn update(
+        &self,
+        periods: &[Period],
+        f: impl Fn(u64, &Period) -> Result<u64, BudgetError>,
+    ) -> Result<(), BudgetError> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut table = txn.open_table(SPENT).map_err(store_err)?;
+            let mut next = Vec::with_capacity(periods.len());
+            for p in periods {
+                let spent = table
+                    .get(p.key.as_str())
+                    .map_err(store_err)?
+                    .map_or(0, |v| v.value());
+                next.push(f(spent, p)?);
+            }
+            for (p, value) in periods.iter().zip(next) {
+                table.insert(p.key.as_str(), value).map_err(store_err)?;
+            }
+        }
+        txn.commit().map_err(store_err)
+    }
+}
+
+impl BudgetStore for RedbStore {
+    fn charge(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError> {
+        // An error inside `update` drops the transaction uncommitted: nothing is written.
+        self.update(periods, |spent, p| {
+            let total = spent.saturating_add(amount);
+            if total > p.limit {
+                Err(BudgetError::Exceeded {
+                    period: p.name,
+                    spent,
+                    limit: p.limit,
+                    amount,
+                })
+            } else {
+                Ok(total)
+            }
+        })
+    }
+
+    fn refund(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError> {
+        self.update(periods, |spent, _| Ok(spent.saturating_sub(amount)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn concurrent_charges_never_pass_the_limit_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let store = Arc::new(RedbStore::open(&path).unwrap());
+        let now = "2026-11-22T10:00:00Z".parse().unwrap();
+        let today = periods("a@default", Some(5.0), Some(100.0), now);
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let (store, today) = (store.clone(), today.clone());
+                std::thread::spawn(move || store.charge(&today, micros(1.0)).is_ok())
+            })
+            .collect();
+        let passed = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count();
+        assert_eq!(passed, 5);
+        store.refund(&today, micros(1.0)).unwrap();
+        drop(store);
+        let store = RedbStore::open(&path).unwrap();
+        assert!(
+            store.charge(&today, micros(1.0)).is_ok(),
+            "the refund freed one"
+        );
+        match store.charge(&today, micros(0.5)) {
+            Err(BudgetError::Exceeded { period, spent, .. }) => {
+                assert_eq!((period, spent), ("day", 5_000_000));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The next day starts empty; the month keeps counting.
+        let tomorrow = periods(
+            "a@default",
+            Some(5.0),
+            Some(100.0),
+            "2026-11-23T00:00:01Z".parse().unwrap(),
+        );
+        assert!(store.charge(&tomorrow, micros(1.0)).is_ok());
+    }
+}
