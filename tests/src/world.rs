@@ -726,6 +726,23 @@ impl World {
         )
     }
 
+    /// Runs `aegis-agent kill-switch STATE --agent AGENT` against this world's agent, asserts
+    /// it succeeded, and returns how long the command took.
+    pub fn kill_switch(&self, state: &str, agent: &str) -> Duration {
+        let started = std::time::Instant::now();
+        let out = Command::new(self.agent_bin())
+            .args(["kill-switch", state, "--agent", agent, "--control-socket"])
+            .arg(self.control_socket())
+            .output()
+            .expect("run aegis-agent kill-switch");
+        assert!(
+            out.status.success(),
+            "kill-switch {state}: {}",
+            describe(&out)
+        );
+        started.elapsed()
+    }
+
     /// The audit log's path.
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.jsonl")

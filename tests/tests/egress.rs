@@ -864,23 +864,6 @@ print(socket.getaddrinfo("allowed.test", 80, socket.AF_INET)[0][4][0])
     assert!(w.agent_running(), "the agent survived\n{}", w.diagnostics());
 }
 
-/// `aegis-agent kill-switch on|off --agent NAME`.
-fn kill_switch(w: &World, state: &str, agent: &str) -> Duration {
-    let started = std::time::Instant::now();
-    let out = std::process::Command::new(w.agent_bin())
-        .args(["kill-switch", state, "--agent", agent, "--control-socket"])
-        .arg(w.control_socket())
-        .output()
-        .expect("run aegis-agent kill-switch");
-    assert!(
-        out.status.success(),
-        "kill-switch {state}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    started.elapsed()
-}
-
 #[test]
 fn kill_switch_cuts_an_agent_off_within_a_second_and_survives_a_restart() {
     let mut w = started(web_policy(&["- fqdn: allowed.test"]));
@@ -889,7 +872,7 @@ fn kill_switch_cuts_an_agent_off_within_a_second_and_survives_a_restart() {
 
     // On: the command returns once the kernel has the flag, well within a second, and from
     // then on the allowed address and DNS itself are refused.
-    let took = kill_switch(&w, "on", "web-agent");
+    let took = w.kill_switch("on", "web-agent");
     assert!(
         took < Duration::from_secs(1),
         "kill-switch on took {took:?}"
@@ -926,7 +909,7 @@ fn kill_switch_cuts_an_agent_off_within_a_second_and_survives_a_restart() {
     assert_eperm(&w, &r[0]);
 
     // Off: reachable again.
-    kill_switch(&w, "off", "web-agent");
+    w.kill_switch("off", "web-agent");
     let out = curl(&w, 1, WEB, &["-4", "http://allowed.test/"]);
     assert_curl_body(&w, &out, "hello from allowed\n", "after the switch is off");
 }

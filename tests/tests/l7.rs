@@ -642,18 +642,7 @@ call()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let ks = std::process::Command::new(w.agent_bin())
-            .args([
-                "kill-switch",
-                "on",
-                "--agent",
-                "finance-agent",
-                "--control-socket",
-            ])
-            .arg(w.control_socket())
-            .output()
-            .unwrap();
-        assert!(ks.status.success(), "{}", describe(&ks));
+        w.kill_switch("on", "finance-agent");
         std::fs::write(&go, "").unwrap();
         client.join().unwrap()
     });
