@@ -45,8 +45,33 @@ pub enum Command {
     /// Cut an agent (or every agent) off: every connect, send and L7 call denied, within a
     /// second, until turned off; survives agent restarts.
     KillSwitch(KillSwitchArgs),
+    /// Human approval of `approval_needed` calls: list, approve (prints the one-time override
+    /// token), deny.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
     /// Remove everything Aegis pinned and the cgroups it created (stop the agent first).
     Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Print every approval (pending first is not implied: newest first), one JSON per line.
+    List(SocketArgs),
+    /// Approve a pending approval; its request passes once, on the workload's next retry.
+    Approve(ApprovalDecideArgs),
+    /// Deny a pending approval.
+    Deny(ApprovalDecideArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApprovalDecideArgs {
+    /// The approval id (from the 403 answer, the webhook message or `approvals list`).
+    pub id: String,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +213,33 @@ pub struct RunArgs {
     /// stripped, so do not pick it when upstream APIs need their own).
     #[arg(long, default_value = "x-aegis-agent-token")]
     pub token_header: String,
+    /// Ed25519 key (PKCS#8 PEM) signing approvals' one-time override tokens; created with
+    /// `<path>.pub` on first start.
+    #[arg(long, default_value = "/var/lib/aegis/approval.key")]
+    pub approval_key: PathBuf,
+    /// Seconds an approval request waits for a human before it expires.
+    #[arg(long, default_value_t = 3600)]
+    pub approval_ttl: u64,
+    /// Seconds an override token stays usable once approved.
+    #[arg(long, default_value_t = 600)]
+    pub approval_token_ttl: u64,
+    /// Seconds an `approval_needed` request is held open waiting for the decision (0: answer
+    /// at once with the approval id; the workload retries).
+    #[arg(long, default_value_t = 0)]
+    pub approval_hold: u64,
+    /// Webhook announcing new approvals (Slack incoming webhook or Teams connector URL).
+    #[arg(long)]
+    pub approval_webhook: Option<String>,
+    /// Message shape of `--approval-webhook`.
+    #[arg(long, value_enum, default_value_t = crate::approval::webhook::Format::Slack)]
+    pub approval_webhook_format: crate::approval::webhook::Format,
+    /// Approvers of the approvals HTTP API (YAML: `approvers: [{name, token_sha256}]`); the
+    /// API is off without it.
+    #[arg(long)]
+    pub approvers: Option<PathBuf>,
+    /// Address of the approvals HTTP API.
+    #[arg(long, default_value = "127.0.0.1:9466")]
+    pub approvals_listen: SocketAddr,
     /// Largest request body the L7 enforcer accepts, in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body: usize,

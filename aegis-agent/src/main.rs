@@ -1,6 +1,7 @@
 //! `aegis-agent`: the Aegis node daemon and CLI.
 #![deny(unsafe_code)]
 
+mod approval;
 mod audit;
 mod budget;
 mod cgroup;

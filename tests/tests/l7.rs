@@ -817,3 +817,323 @@ for c, r in sorted(codes): print(c, r)
     let out = run(&w, "1");
     assert_eq!(out.trim(), "402 BudgetExceeded", "after a restart: {out}");
 }
+
+/// A webhook receiver for the node namespace: appends each POSTed body as a line to a file.
+const WEBHOOK_RECEIVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        with open(sys.argv[2], "ab") as f:
+            f.write(body.replace(b"\n", b" ") + b"\n")
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// The approver token of the approvals API tests (its SHA-256 is in the approvers file).
+const APPROVER_TOKEN: &str = "test-approver-token-0123456789";
+
+/// A world whose finance-agent needs approval for payments over 5,000, with the approvals API
+/// on `127.0.0.1:9466` (approver `alice`) and a Slack webhook on `127.0.0.1:18080` of the node
+/// namespace. Returns the world and the webhook's capture file.
+fn approvals_world(extra: &[&str]) -> (World, std::path::PathBuf, tempfile::TempDir) {
+    let policy = FINANCE_POLICY.replacen(
+        "amount: { required: true, max: 5000 }",
+        "amount: { required: true, approval_needed_over: 5000, max: 100000 }",
+        1,
+    );
+    assert!(policy.contains("approval_needed_over"));
+    let files = tempfile::tempdir().unwrap();
+    let approvers = files.path().join("approvers.yaml");
+    let digest = {
+        let out = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(APPROVER_TOKEN.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)[..64].to_owned()
+    };
+    std::fs::write(
+        &approvers,
+        format!("approvers:\n  - name: alice\n    token_sha256: {digest}\n"),
+    )
+    .unwrap();
+    let approvers_arg = format!("--approvers={}", approvers.display());
+    let mut w = world_with(|b| {
+        let mut b = b
+            .policy("finance.yaml", &policy)
+            .agent_arg(&approvers_arg)
+            .agent_arg("--approval-webhook=http://127.0.0.1:18080/hook");
+        for a in extra {
+            b = b.agent_arg(a);
+        }
+        b
+    });
+    let captured = w.dir().join("webhook.jsonl");
+    let python = w.python().to_string_lossy().into_owned();
+    let ns = w.node_ns();
+    let capture = captured.to_string_lossy().into_owned();
+    w.spawn_service(
+        &ns,
+        "webhook",
+        &[&python, "-c", WEBHOOK_RECEIVER, "18080", &capture],
+    );
+    (w, captured, files)
+}
+
+/// POSTs a payment of `amount` as finance-agent with extra curl `args`; (status, JSON body).
+fn pay(w: &World, amount: u32, args: &[&str]) -> (String, Value) {
+    let body = format!(r#"{{"amount":{amount},"currency":"usd","note":"ssn 123-45-6789"}}"#);
+    let mut argv = vec![
+        "-w",
+        "\n%{http_code}",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &body,
+    ];
+    argv.extend_from_slice(args);
+    argv.push("https://api.stripe.com/v1/payment_intents");
+    let (code, out, err) = curl(w, FINANCE, &argv);
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    let (body, status) = out.rsplit_once('\n').expect("status line");
+    (status.to_owned(), json(body, w))
+}
+
+/// The approvals API from the node namespace: (status, body).
+fn approvals_api(w: &World, method: &str, path: &str, token: Option<&str>) -> (String, String) {
+    let url = format!("http://127.0.0.1:9466{path}");
+    let auth = token.map(|t| format!("authorization: Bearer {t}"));
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "-m",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ];
+    if let Some(a) = &auth {
+        argv.extend(["-H", a.as_str()]);
+    }
+    argv.push(&url);
+    let out = w.node_exec(&argv);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", ""));
+    (status.to_owned(), body.to_owned())
+}
+
+#[test]
+fn an_approved_call_passes_once_and_only_for_the_exact_request() {
+    let (w, captured, _files) = approvals_world(&[]);
+    // Over 5,000: held for a human; a retry before the decision gets the same approval.
+    let (status, v) = pay(&w, 9000, &[]);
+    assert_eq!(status, "403", "{v}");
+    assert_eq!(v["error"], "approval_needed", "{v}");
+    let id = v["approval_id"].as_str().expect("approval id").to_owned();
+    let (_, again) = pay(&w, 9000, &[]);
+    assert_eq!(
+        again["approval_id"],
+        id.as_str(),
+        "a retry files no second approval"
+    );
+
+    // The webhook got a Slack message naming the approval, with the SSN redacted.
+    assert!(
+        aegis_tests::world::wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&captured).is_ok_and(|t| t.contains(&id))
+        }),
+        "no webhook message\n{}",
+        w.diagnostics()
+    );
+    let messages = std::fs::read_to_string(&captured).unwrap();
+    assert_eq!(
+        messages.lines().count(),
+        1,
+        "one message per approval: {messages}"
+    );
+    let message = json(messages.lines().next().unwrap(), &w);
+    let text = message.to_string();
+    assert!(
+        message["blocks"].is_array() && text.contains("finance-agent"),
+        "{text}"
+    );
+    assert!(
+        text.contains("9000") && text.contains("[REDACTED:SSN]"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("123-45-6789"),
+        "the SSN left the node: {text}"
+    );
+
+    // `approvals list` shows it pending; the HTTP API needs an approver's token.
+    let socket = w.control_socket().to_string_lossy().into_owned();
+    let out = w.agent_cli(&["approvals", "list", "--control-socket", &socket]);
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && listed.contains(&id) && listed.contains("\"state\":\"pending\""),
+        "{}",
+        describe(&out)
+    );
+    let (status, _) = approvals_api(&w, "GET", "/v1/approvals", None);
+    assert_eq!(status, "401");
+    let (status, _) = approvals_api(&w, "GET", "/v1/approvals", Some("wrong-token"));
+    assert_eq!(status, "401");
+    let (status, body) = approvals_api(&w, "GET", "/v1/approvals", Some(APPROVER_TOKEN));
+    assert!(status == "200" && body.contains(&id), "{status} {body}");
+
+    // Approved from the CLI (the approver is the caller's uid) ...
+    let out = w.agent_cli(&["approvals", "approve", &id, "--control-socket", &socket]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("override_token: "))
+        .expect("the override token is printed")
+        .to_owned();
+    // ... another body is another request: it needs its own approval.
+    let (status, other) = pay(&w, 9001, &[]);
+    assert_eq!(
+        (status.as_str(), &other["error"]),
+        ("403", &Value::from("approval_needed"))
+    );
+    assert_ne!(other["approval_id"], id.as_str());
+    // The exact retry passes once, unchanged by the agent ...
+    let (status, echo) = pay(&w, 9000, &[]);
+    assert_eq!(status, "200", "{echo}\n{}", w.diagnostics());
+    assert!(
+        echo["body"].as_str().unwrap_or_default().contains("9000"),
+        "{echo}"
+    );
+    // ... and only once: the next retry needs a new approval, and the spent token, presented
+    // explicitly, is refused.
+    let (status, next) = pay(&w, 9000, &[]);
+    assert_eq!(
+        (status.as_str(), &next["error"]),
+        ("403", &Value::from("approval_needed"))
+    );
+    assert_ne!(next["approval_id"], id.as_str());
+    let header = format!("x-aegis-override-token: {token}");
+    let (status, used) = pay(&w, 9000, &["-H", &header]);
+    assert_eq!(
+        (status.as_str(), &used["reason"]),
+        ("403", &Value::from("override_used")),
+        "{used}"
+    );
+
+    // Denied through the HTTP API, by alice.
+    let other_id = other["approval_id"].as_str().unwrap().to_owned();
+    let (status, body) = approvals_api(
+        &w,
+        "POST",
+        &format!("/v1/approvals/{other_id}/deny"),
+        Some(APPROVER_TOKEN),
+    );
+    assert!(
+        status == "200" && body.contains("\"state\":\"denied\""),
+        "{status} {body}"
+    );
+    let (status, _) = approvals_api(
+        &w,
+        "POST",
+        &format!("/v1/approvals/{other_id}/approve"),
+        Some(APPROVER_TOKEN),
+    );
+    assert_eq!(status, "409", "a decided approval cannot be decided again");
+
+    // The audit log has the whole story, with the approvers, and still verifies.
+    std::thread::sleep(Duration::from_millis(300));
+    let records = w.audit_records();
+    let find = |kind: &str, state: &str, aid: &str| {
+        records.iter().any(|r| {
+            r["kind"] == kind && r["approval"]["state"] == state && r["approval"]["id"] == aid
+        })
+    };
+    assert!(find("approval_requested", "pending", &id));
+    assert!(find("approval_decided", "approved", &id));
+    assert!(find("approval_used", "used", &id));
+    assert!(find("approval_decided", "denied", &other_id));
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "approval_decided" && r["approval"]["by"] == "api:alice")
+    );
+    let passed = records
+        .iter()
+        .find(|r| {
+            r["kind"] == "l7_decision" && r["approval_id"] == id.as_str() && r["status"] == 200
+        })
+        .unwrap_or_else(|| panic!("no record of the approved call\n{}", w.diagnostics()));
+    assert_eq!(passed["approved_by"], "uid:0", "{passed}");
+    let (ok, out) = w.verify_audit(&w.audit_log());
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_held_request_goes_through_when_approved_meanwhile() {
+    let (w, _captured, _files) = approvals_world(&["--approval-hold=20"]);
+    let ca = w.node_ca().to_string_lossy().into_owned();
+    let body = r#"{"amount":7000,"currency":"usd"}"#;
+    let child = w.pod_spawn(
+        1,
+        FINANCE,
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "30",
+            "--cacert",
+            &ca,
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            "https://api.stripe.com/v1/payment_intents",
+        ],
+    );
+    // The request waits; its approval shows up in the API, and alice approves it.
+    let mut id = None;
+    assert!(
+        aegis_tests::world::wait_until(Duration::from_secs(10), || {
+            let (_, listed) = approvals_api(&w, "GET", "/v1/approvals", Some(APPROVER_TOKEN));
+            id = serde_json::from_str::<Value>(&listed)
+                .ok()
+                .and_then(|v| v["approvals"][0]["id"].as_str().map(str::to_owned));
+            id.is_some()
+        }),
+        "no approval filed\n{}",
+        w.diagnostics()
+    );
+    let id = id.unwrap();
+    let (status, body_out) = approvals_api(
+        &w,
+        "POST",
+        &format!("/v1/approvals/{id}/approve"),
+        Some(APPROVER_TOKEN),
+    );
+    assert!(
+        status == "200" && body_out.contains("override_token"),
+        "{status} {body_out}"
+    );
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (echo, status) = text.rsplit_once('\n').expect("status line");
+    assert_eq!(status, "200", "{text}\n{}", w.diagnostics());
+    assert_eq!(json(echo, &w)["body"], body);
+}

@@ -139,7 +139,8 @@ impl AuditKey {
         pem::encode(&pem::Pem::new("PUBLIC KEY", der))
     }
 
-    fn public_raw(&self) -> &[u8] {
+    /// The 32 bytes of the public key.
+    pub fn public_raw(&self) -> &[u8] {
         self.pair.public_key().as_ref()
     }
 }

@@ -1,5 +1,6 @@
 //! Subcommands, one file each.
 
+mod approvals;
 mod audit;
 mod exec;
 mod killswitch;
@@ -11,7 +12,7 @@ mod uninstall;
 
 use std::process::ExitCode;
 
-use crate::cli::{AuditCommand, Cli, Command, PolicyCommand, TokenCommand};
+use crate::cli::{ApprovalsCommand, AuditCommand, Cli, Command, PolicyCommand, TokenCommand};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -36,6 +37,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => token::issue(&key, &org, &tenant, &agent, &scopes, ttl_seconds),
         Command::Token(TokenCommand::Verify { token, key }) => token::verify(&token, &key),
         Command::KillSwitch(args) => killswitch::kill_switch(&args),
+        Command::Approvals(ApprovalsCommand::List(socket)) => approvals::list(&socket),
+        Command::Approvals(ApprovalsCommand::Approve(args)) => approvals::decide(&args, true),
+        Command::Approvals(ApprovalsCommand::Deny(args)) => approvals::decide(&args, false),
         Command::Uninstall(args) => uninstall::uninstall(&args),
     }
 }

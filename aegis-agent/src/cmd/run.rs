@@ -28,6 +28,7 @@ use tokio::{
 };
 
 use crate::{
+    approval::{self, Approvals, webhook::Webhook},
     audit::{AuditLog, chain::AuditKey},
     budget::RedbStore,
     cgroup,
@@ -82,6 +83,34 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let ca = NodeCa::load_or_create(&args.ca_cert, &args.ca_key)?;
     let audit = AuditLog::open(&args.audit_log, AuditKey::load_or_create(&args.audit_key)?)?;
     let upstream_roots = upstream_roots(args.upstream_ca.as_deref())?;
+    let approvals = Arc::new(Approvals::new(
+        approval::Settings {
+            ttl: Duration::from_secs(args.approval_ttl),
+            token_ttl: Duration::from_secs(args.approval_token_ttl),
+            hold: Duration::from_secs(args.approval_hold),
+        },
+        approval::load_key(&args.approval_key)?,
+        audit.clone(),
+        match &args.approval_webhook {
+            None => None,
+            Some(url) => Some(
+                Webhook::start(url, args.approval_webhook_format, upstream_roots.clone())
+                    .map_err(|e| anyhow!("--approval-webhook: {e}"))?,
+            ),
+        },
+    ));
+    if let Some(path) = &args.approvers {
+        let approvers = approval::api::load_approvers(path)?;
+        let listener = tokio::net::TcpListener::bind(args.approvals_listen)
+            .await
+            .with_context(|| format!("binding the approvals API on {}", args.approvals_listen))?;
+        tracing::info!(target: "aegis::approval", address = %args.approvals_listen, approvers = approvers.len(), "approvals API listening");
+        tokio::spawn(approval::api::serve(
+            listener,
+            approvals.clone(),
+            approvers.into(),
+        ));
+    }
     let l7_addr4 = args.l7_address.unwrap_or(args.dns_address);
     let (datapath, links, events, logger) = Datapath::load(&args.bpffs)?;
     let settings = egress::Settings {
@@ -138,8 +167,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             )),
         },
         Arc::new(RedbStore::open(&args.state_db)?),
+        approvals.clone(),
     );
     let node = Arc::new(Node {
+        approvals,
         l7,
         decider,
         audit,
@@ -297,6 +328,7 @@ struct Node {
     static_file: Option<StaticFile>,
     ready: AtomicBool,
     kill: Arc<KillSwitch>,
+    approvals: Arc<Approvals>,
 }
 
 // === impl Node ===
@@ -536,6 +568,52 @@ impl Handler for Node {
         Ok(Reply::KillSwitch {
             all: state.all,
             agents: state.agents.iter().cloned().collect(),
+        })
+    }
+
+    fn approvals(&self) -> Reply {
+        self.approvals_reply()
+    }
+
+    fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        reason: Option<&str>,
+        uid: u32,
+    ) -> Result<Reply, String> {
+        self.decide_approval_reply(id, approve, reason, uid)
+    }
+}
+
+/// The approvals' control-socket side (the HTTP API is [`approval::api`]).
+impl Node {
+    fn approvals_reply(&self) -> Reply {
+        Reply::Approvals {
+            pending: self.approvals.pending(),
+            approvals: self
+                .approvals
+                .list()
+                .iter()
+                .filter_map(|a| serde_json::to_value(a).ok())
+                .collect(),
+        }
+    }
+
+    fn decide_approval_reply(
+        &self,
+        id: &str,
+        approve: bool,
+        reason: Option<&str>,
+        uid: u32,
+    ) -> Result<Reply, String> {
+        let (approval, override_token) = self
+            .approvals
+            .decide(id, approve, &format!("uid:{uid}"), reason)
+            .map_err(|e| e.to_string())?;
+        Ok(Reply::ApprovalDecided {
+            approval: serde_json::to_value(&approval).map_err(|e| e.to_string())?,
+            override_token,
         })
     }
 }

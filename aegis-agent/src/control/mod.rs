@@ -37,6 +37,14 @@ pub enum Request {
     /// Turn a kill switch on or off: `agent` by name (every tenant), or every agent when
     /// `None`.
     KillSwitch { on: bool, agent: Option<String> },
+    /// List approvals.
+    ApprovalsList,
+    /// Approve or deny a pending approval.
+    ApprovalDecide {
+        id: String,
+        approve: bool,
+        reason: Option<String>,
+    },
 }
 
 /// The agent's reply.
@@ -66,6 +74,17 @@ pub enum Reply {
         all: bool,
         agents: Vec<String>,
     },
+    /// Approvals, newest first (each as [`crate::approval::Approval`] serializes).
+    Approvals {
+        /// How many still wait for a human.
+        pending: usize,
+        approvals: Vec<serde_json::Value>,
+    },
+    /// A decided approval, with its override token when approved.
+    ApprovalDecided {
+        approval: serde_json::Value,
+        override_token: Option<String>,
+    },
     Error {
         message: String,
     },
@@ -91,6 +110,19 @@ pub trait Handler: Send + Sync + 'static {
         agent: Option<&str>,
         uid: u32,
         pid: Option<u32>,
+    ) -> Result<Reply, String>;
+    /// Every approval.
+    fn approvals(&self) -> Reply;
+    /// Decides approval `id` on behalf of the peer `uid` (the approver in the audit log).
+    ///
+    /// # Errors
+    /// A message for the client.
+    fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        reason: Option<&str>,
+        uid: u32,
     ) -> Result<Reply, String>;
 }
 
@@ -203,6 +235,14 @@ async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) -> io::Result
                 .map_err(io::Error::other)?
                 .unwrap_or_else(|message| Reply::Error { message })
         }
+        Ok(Request::ApprovalsList) => handler.approvals(),
+        Ok(Request::ApprovalDecide {
+            id,
+            approve,
+            reason,
+        }) => handler
+            .decide_approval(&id, approve, reason.as_deref(), uid)
+            .unwrap_or_else(|message| Reply::Error { message }),
         Ok(Request::Exec { agent, tenant }) => match pid {
             None => Reply::Error {
                 message: "the kernel gave no peer pid".into(),
@@ -252,6 +292,21 @@ mod tests {
             _agent: Option<&str>,
             _uid: u32,
             _pid: Option<u32>,
+        ) -> Result<Reply, String> {
+            Err("not here".into())
+        }
+        fn approvals(&self) -> Reply {
+            Reply::Approvals {
+                pending: 0,
+                approvals: vec![],
+            }
+        }
+        fn decide_approval(
+            &self,
+            _id: &str,
+            _approve: bool,
+            _reason: Option<&str>,
+            _uid: u32,
         ) -> Result<Reply, String> {
             Err("not here".into())
         }

@@ -105,9 +105,7 @@ impl Decider for PolicyDecider {
         let verdict = match d.verdict {
             L7Verdict::Allow => Verdict::Allow,
             L7Verdict::Deny => Verdict::Deny,
-            L7Verdict::ApprovalNeeded => Verdict::ApprovalNeeded {
-                approval_id: approval_id(),
-            },
+            L7Verdict::ApprovalNeeded => Verdict::ApprovalNeeded,
             L7Verdict::Sanitize => {
                 let detectors = self.detectors(req, d.policy_version, &d.sanitize)?;
                 match detectors.redact_body(req.content_type, req.body) {
@@ -137,10 +135,4 @@ impl Decider for PolicyDecider {
             estimated_cost_usd: d.estimated_cost_usd,
         })
     }
-}
-
-/// A random approval id: 16 bytes, hex.
-fn approval_id() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -35,8 +35,9 @@ pub enum Verdict {
     Sanitize { body: Vec<u8>, findings: usize },
     /// Refuse with 403 and a JSON body naming the rule.
     Deny,
-    /// Refuse with 403 and a JSON body carrying the approval id (approvals come later).
-    ApprovalNeeded { approval_id: String },
+    /// Hold for a human: the proxy files an approval (or spends the override token of an
+    /// approved one) — see [`crate::approval`].
+    ApprovalNeeded,
 }
 
 impl Verdict {
@@ -46,7 +47,7 @@ impl Verdict {
             Verdict::Allow => "allow",
             Verdict::Sanitize { .. } => "sanitize",
             Verdict::Deny => "deny",
-            Verdict::ApprovalNeeded { .. } => "approval_needed",
+            Verdict::ApprovalNeeded => "approval_needed",
         }
     }
 }

@@ -28,6 +28,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa, limits::RateLimits};
 use crate::{
+    approval::{self, Approval, Approvals, NewApproval, OverrideError, Redeemed},
     audit::AuditLog,
     budget::{self, BudgetError, BudgetStore},
     egress::Enforcer,
@@ -75,8 +76,14 @@ struct Shared {
     limits: RateLimits,
     tokens: Option<TokenVerifier>,
     budgets: Arc<dyn BudgetStore>,
+    approvals: Arc<Approvals>,
     bound: Mutex<HashSet<u16>>,
 }
+
+/// Header in which an override token may be presented (see [`crate::approval`]); stripped
+/// before forwarding. Workloads need not send it: a retry of the approved request finds its
+/// token by itself.
+pub const OVERRIDE_HEADER: &str = "x-aegis-override-token";
 
 /// Why a connection or request was refused, and how the client is told.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +116,10 @@ enum Refusal {
     BudgetExceeded(String),
     #[error("budget store unavailable (fail closed): {0}")]
     BudgetStore(String),
+    #[error("{0}")]
+    Override(OverrideError),
+    #[error("approvals: {0}")]
+    Approvals(String),
 }
 
 impl Refusal {
@@ -131,6 +142,8 @@ impl Refusal {
             Refusal::Token(_) => "token_invalid",
             Refusal::BudgetExceeded(_) => "budget_exceeded",
             Refusal::BudgetStore(_) => "budget_store_unavailable",
+            Refusal::Override(e) => e.reason(),
+            Refusal::Approvals(_) => "approvals_unavailable",
         }
     }
 
@@ -145,7 +158,7 @@ impl Refusal {
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Token(_) => StatusCode::UNAUTHORIZED,
             Refusal::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
-            Refusal::BudgetStore(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::BudgetStore(_) | Refusal::Approvals(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -184,6 +197,7 @@ impl L7Proxy {
         kill: Arc<KillSwitch>,
         tokens: Option<TokenVerifier>,
         budgets: Arc<dyn BudgetStore>,
+        approvals: Arc<Approvals>,
     ) -> L7Proxy {
         let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -206,6 +220,7 @@ impl L7Proxy {
                 limits: RateLimits::default(),
                 tokens,
                 budgets,
+                approvals,
                 bound: Mutex::new(HashSet::new()),
             }),
             runtimes: runtimes.into(),
@@ -447,6 +462,10 @@ async fn decide_and_forward(
     if let Some(verifier) = &shared.tokens {
         parts.headers.remove(verifier.header.as_str());
     }
+    let override_token = parts
+        .headers
+        .remove(OVERRIDE_HEADER)
+        .map(|v| v.to_str().unwrap_or("").trim().to_owned());
     let body = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e)
@@ -494,8 +513,25 @@ async fn decide_and_forward(
             record.redactions = *findings;
             Bytes::from(redacted.clone())
         }
-        Verdict::Deny | Verdict::ApprovalNeeded { .. } => {
-            return (decision_response(&decision), None);
+        Verdict::Deny => return (decision_response(&decision, None), None),
+        Verdict::ApprovalNeeded => {
+            match approve(shared, conn, &request, &decision, override_token.as_deref()).await {
+                Ok(Approved::Pass(redeemed)) => {
+                    record.decision = "allow";
+                    record.reason = format!(
+                        "{}; approved by {} (approval {})",
+                        record.reason, redeemed.approved_by, redeemed.approval_id
+                    );
+                    record.approval_id = Some(redeemed.approval_id);
+                    record.approved_by = Some(redeemed.approved_by);
+                    body.clone()
+                }
+                Ok(Approved::Wait(approval)) => {
+                    record.approval_id = Some(approval.id.clone());
+                    return (decision_response(&decision, Some(&approval)), None);
+                }
+                Err(refusal) => return refuse(refusal),
+            }
         }
     };
     // A priced call is charged to the identity's budget before it leaves, refunded if it
@@ -554,6 +590,78 @@ async fn decide_and_forward(
             refuse(refusal)
         }
     }
+}
+
+/// How an `approval_needed` request goes on.
+enum Approved {
+    /// An override token for this very request was spent: forward it.
+    Pass(Redeemed),
+    /// Filed (or already pending): answer with the approval id.
+    Wait(Approval),
+}
+
+/// Spends the override token of an approved copy of `request` (presented in
+/// [`OVERRIDE_HEADER`], or held by its approval), or files an approval with the request's
+/// parameters redacted by every built-in DLP detector, holding the request open for a
+/// decision when `--approval-hold` says so.
+async fn approve(
+    shared: &Shared,
+    conn: &Conn,
+    request: &DecisionRequest<'_>,
+    decision: &Decision,
+    presented: Option<&str>,
+) -> Result<Approved, Refusal> {
+    let path_and_query = match request.query {
+        Some(q) => format!("{}?{q}", request.path),
+        None => request.path.to_owned(),
+    };
+    let hash = approval::request_hash(
+        request.method,
+        request.host,
+        &path_and_query,
+        request.content_type,
+        request.body,
+    );
+    let approvals = &shared.approvals;
+    if let Some(redeemed) = approvals
+        .redeem(&conn.identity, &hash, presented)
+        .map_err(Refusal::Override)?
+    {
+        return Ok(Approved::Pass(redeemed));
+    }
+    let detectors = crate::dlp::Detectors::all_builtins();
+    let params = match detectors.redact_body(request.content_type, request.body) {
+        Ok(r) => serde_json::from_slice(&r.body)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&r.body).into())),
+        Err(e) => serde_json::Value::String(format!("(unreadable body: {e})")),
+    };
+    let query = request.query.map(|q| detectors.redact(q).0);
+    let url = match query {
+        Some(q) => format!("https://{}{}?{q}", request.host, request.path),
+        None => format!("https://{}{}", request.host, request.path),
+    };
+    let approval = approvals
+        .request(NewApproval {
+            identity: &conn.identity,
+            tool: decision.tool.clone(),
+            action: decision.action.clone(),
+            method: request.method,
+            url,
+            params,
+            rule: decision.reason.clone(),
+            request_hash: hash.clone(),
+        })
+        .map_err(Refusal::Approvals)?;
+    let hold = approvals.settings().hold;
+    if !hold.is_zero() && approvals.wait(&approval.id, hold).await {
+        if let Some(redeemed) = approvals
+            .redeem(&conn.identity, &hash, None)
+            .map_err(Refusal::Override)?
+        {
+            return Ok(Approved::Pass(redeemed));
+        }
+    }
+    Ok(Approved::Wait(approval))
 }
 
 /// Sends the request on the connection's upstream, opening it (TCP + TLS + HTTP handshake) on
@@ -727,13 +835,14 @@ fn error_response(refusal: &Refusal) -> Response<Body> {
 }
 
 /// The documented responses to policy decisions (docs/l7.md).
-fn decision_response(d: &Decision) -> Response<Body> {
-    match &d.verdict {
-        Verdict::ApprovalNeeded { approval_id } => json_response(
+fn decision_response(d: &Decision, approval: Option<&Approval>) -> Response<Body> {
+    match approval {
+        Some(a) => json_response(
             StatusCode::FORBIDDEN,
             serde_json::json!({
-                "error": "approval_needed", "approval_id": approval_id, "reason": d.reason,
-                "tool": d.tool, "action": d.action, "policy_version": d.policy_version,
+                "error": "approval_needed", "approval_id": a.id, "expires": a.expires,
+                "reason": d.reason, "tool": d.tool, "action": d.action,
+                "policy_version": d.policy_version,
             }),
         ),
         _ => json_response(

@@ -212,6 +212,12 @@ pub struct L7Record {
     /// `jti` of the agent token the request presented and that was accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_jti: Option<String>,
+    /// The approval this request filed or, when it passed on an override token, spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// Who approved it (`uid:0`, `api:alice`), when it passed on an override token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
     /// HTTP status returned to the workload.
     pub status: Option<u16>,
     /// Time from the request's arrival to the decision's effect (forwarded response headers or
