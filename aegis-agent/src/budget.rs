@@ -84,6 +84,17 @@ pub trait BudgetStore: Send + Sync {
     /// # Errors
     /// A store failure.
     fn refund(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError>;
+    /// Adds `delta` (negative: takes back, never below zero) to every period without checking
+    /// limits: settles a call that already happened to its actual cost.
+    ///
+    /// # Errors
+    /// A store failure.
+    fn add(&self, periods: &[Period], delta: i64) -> Result<(), BudgetError>;
+    /// Micro-USD spent in `period` so far.
+    ///
+    /// # Errors
+    /// A store failure.
+    fn spent(&self, period: &Period) -> Result<u64, BudgetError>;
 }
 
 /// The embedded, durable store (redb).
@@ -153,6 +164,23 @@ impl BudgetStore for RedbStore {
 
     fn refund(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError> {
         self.update(periods, |spent, _| Ok(spent.saturating_sub(amount)))
+    }
+
+    fn add(&self, periods: &[Period], delta: i64) -> Result<(), BudgetError> {
+        self.update(periods, |spent, _| Ok(spent.saturating_add_signed(delta)))
+    }
+
+    fn spent(&self, period: &Period) -> Result<u64, BudgetError> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let table = match txn.open_table(SPENT) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(store_err(e)),
+        };
+        Ok(table
+            .get(period.key.as_str())
+            .map_err(store_err)?
+            .map_or(0, |v| v.value()))
     }
 }
 

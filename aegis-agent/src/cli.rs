@@ -213,6 +213,20 @@ pub struct RunArgs {
     /// stripped, so do not pick it when upstream APIs need their own).
     #[arg(long, default_value = "x-aegis-agent-token")]
     pub token_header: String,
+    /// Where budgets, rate-limit buckets and spent token ids live: `embedded` (this node:
+    /// `--state-db` and memory) or `redis` (shared by every node, `--redis-url`).
+    #[arg(long, value_enum, default_value_t = crate::state::BackendKind::Embedded)]
+    pub state_backend: crate::state::BackendKind,
+    /// Redis of `--state-backend redis` (`redis://[user:password@]host:port/db`).
+    #[arg(long, required_if_eq("state_backend", "redis"))]
+    pub redis_url: Option<String>,
+    /// Connect/read/write timeout of each Redis operation, milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub redis_timeout_ms: u64,
+    /// What a call needing an unreachable state store gets: `closed` refuses it (503), `open`
+    /// lets it through uncounted and logs it.
+    #[arg(long, value_enum, default_value_t = crate::state::OnUnavailable::Closed)]
+    pub state_unavailable: crate::state::OnUnavailable,
     /// Ed25519 key (PKCS#8 PEM) signing approvals' one-time override tokens; created with
     /// `<path>.pub` on first start.
     #[arg(long, default_value = "/var/lib/aegis/approval.key")]

@@ -20,6 +20,7 @@ mod identity;
 mod killswitch;
 mod l7;
 mod policy;
+mod state;
 mod telemetry;
 mod token;
 

@@ -18,7 +18,10 @@ use std::{
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Identity;
+use crate::{
+    identity::Identity,
+    state::{ReplayStore, Unavailable},
+};
 
 /// Longest lifetime `issue` accepts.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -47,8 +50,6 @@ pub enum TokenError {
     Replayed(String),
     #[error("token is for agent {claimed}, the calling workload is {actual} (stolen token)")]
     WrongIdentity { claimed: String, actual: String },
-    #[error("too many live token ids remembered; try again later")]
-    ReplayStoreFull,
 }
 
 fn now() -> u64 {
@@ -115,13 +116,12 @@ pub fn decoding_key(path: &Path) -> Result<DecodingKey, crate::audit::chain::Key
     Ok(DecodingKey::from_ed_der(&raw))
 }
 
-/// The enforcer's token check: verification, identity binding and `jti` replay, in memory.
+/// The enforcer's token check: signature, expiry and identity binding. Replay of a `jti` is
+/// checked separately, in the node's [`crate::state::ReplayStore`].
 pub struct TokenVerifier {
     key: DecodingKey,
     /// Lowercase header the token arrives in (`authorization` takes `Bearer <jwt>`).
     pub header: String,
-    /// `jti` → `exp` of tokens already used.
-    seen: Mutex<HashMap<String, u64>>,
 }
 
 impl TokenVerifier {
@@ -129,15 +129,14 @@ impl TokenVerifier {
         TokenVerifier {
             key,
             header: header.to_ascii_lowercase(),
-            seen: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Checks the header's value presented by a workload of `identity`; the token is used up.
+    /// Checks the header's value presented by a workload of `identity`.
     ///
     /// # Errors
-    /// Invalid or expired, for another identity, or replayed.
-    pub fn check(&self, value: &str, identity: &Identity) -> Result<Claims, TokenError> {
+    /// Invalid or expired, or for another identity.
+    pub fn verify(&self, value: &str, identity: &Identity) -> Result<Claims, TokenError> {
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
@@ -150,18 +149,30 @@ impl TokenVerifier {
                 actual: identity.to_string(),
             });
         }
+        Ok(claims)
+    }
+}
+
+/// Used token ids in memory (the embedded backend): each remembered until its `exp`.
+#[derive(Default)]
+pub struct MemoryReplay {
+    /// `jti` → `exp`.
+    seen: Mutex<HashMap<String, u64>>,
+}
+
+impl ReplayStore for MemoryReplay {
+    fn first_use(&self, jti: &str, exp: u64) -> Result<bool, Unavailable> {
         let mut seen = self.seen.lock().expect("lock poisoned");
         if seen.len() >= MAX_SEEN {
             let t = now();
-            seen.retain(|_, exp| *exp >= t);
+            seen.retain(|_, e| *e >= t);
             if seen.len() >= MAX_SEEN {
-                return Err(TokenError::ReplayStoreFull);
+                return Err(Unavailable(format!(
+                    "{MAX_SEEN} live token ids remembered; refusing more"
+                )));
             }
         }
-        if seen.insert(claims.jti.clone(), claims.exp).is_some() {
-            return Err(TokenError::Replayed(claims.jti));
-        }
-        Ok(claims)
+        Ok(seen.insert(jti.to_owned(), exp).is_none())
     }
 }
 
@@ -176,6 +187,7 @@ mod tests {
         let key_path = dir.path().join("token.key");
         AuditKey::load_or_create(&key_path).unwrap();
         let pem = std::fs::read(&key_path).unwrap();
+        let replay = MemoryReplay::default();
         let verifier = TokenVerifier::new(
             decoding_key(&public_path(&key_path)).unwrap(),
             "X-Aegis-Agent-Token",
@@ -195,40 +207,40 @@ mod tests {
             )
             .unwrap()
         };
+        // A check as the enforcer does it: verified, then its jti used up.
+        let check = |value: &str, who: &Identity| {
+            let claims = verifier.verify(value, who)?;
+            match replay.first_use(&claims.jti, claims.exp) {
+                Ok(true) => Ok(claims),
+                Ok(false) => Err(TokenError::Replayed(claims.jti)),
+                Err(e) => Err(TokenError::Invalid(e.to_string())),
+            }
+        };
         let t = mint(&pem, 60);
-        let claims = verifier.check(&format!("Bearer {t}"), &me).unwrap();
+        let claims = check(&format!("Bearer {t}"), &me).unwrap();
         assert_eq!(
             (claims.org.as_str(), claims.scopes.clone()),
             ("org1", scopes.clone())
         );
-        assert!(matches!(
-            verifier.check(&t, &me),
-            Err(TokenError::Replayed(_))
-        ));
+        assert!(matches!(check(&t, &me), Err(TokenError::Replayed(_))));
         let t = mint(&pem, 60);
         assert!(matches!(
-            verifier.check(&t, &other),
+            check(&t, &other),
             Err(TokenError::WrongIdentity { .. })
         ));
         // Tampered payload, another key, expired.
         let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
         parts[1] = parts[1].chars().rev().collect();
         assert!(matches!(
-            verifier.check(&parts.join("."), &me),
+            check(&parts.join("."), &me),
             Err(TokenError::Invalid(_))
         ));
         let other_key = dir.path().join("other.key");
         AuditKey::load_or_create(&other_key).unwrap();
         let forged = mint(&std::fs::read(&other_key).unwrap(), 60);
-        assert!(matches!(
-            verifier.check(&forged, &me),
-            Err(TokenError::Invalid(_))
-        ));
+        assert!(matches!(check(&forged, &me), Err(TokenError::Invalid(_))));
         let short = mint(&pem, 1);
         std::thread::sleep(Duration::from_millis(2100));
-        assert!(matches!(
-            verifier.check(&short, &me),
-            Err(TokenError::Invalid(_))
-        ));
+        assert!(matches!(check(&short, &me), Err(TokenError::Invalid(_))));
     }
 }

@@ -764,8 +764,8 @@ fn agent_tokens_are_bound_to_the_workload_used_once_and_stripped() {
 /// `budget: {daily_usd: 5}` and reads priced at 1 USD: twelve concurrent calls, each on its own
 /// connection, spend exactly the budget (five pass, seven get 402 BudgetExceeded), and a
 /// restarted agent still knows the budget is spent.
-#[test]
-fn a_budget_is_never_overspent_by_concurrent_calls_and_survives_a_restart() {
+/// The finance policy with a budget of 5 USD a day and GETs priced at 1 USD.
+fn priced_policy() -> String {
     let priced = FINANCE_POLICY
         .replacen(
             "version: 5\n",
@@ -778,7 +778,12 @@ fn a_budget_is_never_overspent_by_concurrent_calls_and_survives_a_restart() {
             1,
         );
     assert!(priced.contains("price_usd: 1"), "{priced}");
-    let mut w = world_with(|b| b.policy("finance.yaml", &priced));
+    priced
+}
+
+/// Makes `n` concurrent priced calls as finance-agent (Python threads); one `status reason`
+/// line per call, sorted.
+fn concurrent_priced_calls(w: &World, n: usize) -> String {
     let ca = w.node_ca().to_string_lossy().into_owned();
     let script = r#"
 import json, ssl, sys, threading, urllib.request, urllib.error
@@ -798,24 +803,157 @@ for t in threads: t.join()
 for c, r in sorted(codes): print(c, r)
 "#;
     let python = w.python().to_string_lossy().into_owned();
-    let run = |w: &World, n: &str| {
-        let out = w.pod_exec(1, FINANCE, &[&python, "-c", script, &ca, n]);
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            describe(&out),
-            w.diagnostics()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let out = run(&w, "12");
-    let passed = out.lines().filter(|l| l.starts_with("200")).count();
-    let refused = out.lines().filter(|l| *l == "402 BudgetExceeded").count();
-    assert_eq!((passed, refused), (5, 7), "{out}");
+    let out = w.pod_exec(1, FINANCE, &[&python, "-c", script, &ca, &n.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        w.diagnostics()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// (passed, refused with 402 BudgetExceeded) of [`concurrent_priced_calls`]' output.
+fn budget_outcome(out: &str) -> (usize, usize) {
+    (
+        out.lines().filter(|l| l.starts_with("200")).count(),
+        out.lines().filter(|l| *l == "402 BudgetExceeded").count(),
+    )
+}
+
+#[test]
+fn a_budget_is_never_overspent_by_concurrent_calls_and_survives_a_restart() {
+    let mut w = world_with(|b| b.policy("finance.yaml", &priced_policy()));
+    let out = concurrent_priced_calls(&w, 12);
+    assert_eq!(budget_outcome(&out), (5, 7), "{out}");
     w.kill_agent();
     w.start_agent();
-    let out = run(&w, "1");
+    let out = concurrent_priced_calls(&w, 1);
     assert_eq!(out.trim(), "402 BudgetExceeded", "after a restart: {out}");
+}
+
+/// Port of the test Redis in the node namespace.
+const REDIS_PORT: u16 = 16379;
+
+/// Starts `redis-server` in the node namespace of `w` and waits until it answers.
+fn start_redis(w: &mut World) {
+    let ns = w.node_ns();
+    w.spawn_service(
+        &ns,
+        "redis",
+        &[
+            "redis-server",
+            "--port",
+            &REDIS_PORT.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    );
+    let port = REDIS_PORT.to_string();
+    assert!(
+        aegis_tests::world::wait_until(Duration::from_secs(10), || {
+            w.node_exec(&["redis-cli", "-p", &port, "ping"])
+                .stdout
+                .starts_with(b"PONG")
+        }),
+        "redis-server did not start\n{}",
+        w.diagnostics()
+    );
+}
+
+#[test]
+fn a_budget_in_redis_is_never_overspent_and_outlives_the_agent() {
+    let redis_url = format!("--redis-url=redis://127.0.0.1:{REDIS_PORT}/0");
+    let mut w = world_with(|b| {
+        b.policy("finance.yaml", &priced_policy())
+            .agent_arg("--state-backend=redis")
+            .agent_arg(&redis_url)
+    });
+    start_redis(&mut w);
+    let out = concurrent_priced_calls(&w, 12);
+    assert_eq!(budget_outcome(&out), (5, 7), "{out}");
+    // The spend is in Redis, where every node reads it: integer micro-USD per period.
+    let day = chrono_day();
+    let key = format!("aegis:budget:finance-agent@default|day:{day}");
+    let out = w.node_exec(&["redis-cli", "-p", &REDIS_PORT.to_string(), "get", &key]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "5000000",
+        "{}",
+        describe(&out)
+    );
+    w.kill_agent();
+    w.start_agent();
+    let out = concurrent_priced_calls(&w, 1);
+    assert_eq!(out.trim(), "402 BudgetExceeded", "after a restart: {out}");
+}
+
+/// Today's UTC date, `YYYY-MM-DD` (the budget's day key).
+fn chrono_day() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn redis_down_fails_closed_by_default_and_open_when_configured() {
+    let redis_url = format!("--redis-url=redis://127.0.0.1:{REDIS_PORT}/0");
+    // No Redis at all: priced calls are refused (503), unpriced ones still pass.
+    let mut w = world_with(|b| {
+        b.policy("finance.yaml", &priced_policy())
+            .agent_arg("--state-backend=redis")
+            .agent_arg(&redis_url)
+    });
+    let out = concurrent_priced_calls(&w, 2);
+    assert_eq!(
+        out.trim(),
+        "503 state_unavailable\n503 state_unavailable",
+        "{out}"
+    );
+    let (code, body, err) = curl(
+        &w,
+        FINANCE,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"amount":100}"#,
+            "https://api.stripe.com/v1/payment_intents",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        json(&body, &w)["server"],
+        "api.stripe.com",
+        "unpriced calls need no state"
+    );
+    // Redis comes up: charging works.
+    start_redis(&mut w);
+    let out = concurrent_priced_calls(&w, 1);
+    assert_eq!(out.trim(), "200", "{out}");
+    drop(w);
+
+    // Configured open: the call passes uncounted and the agent says so.
+    let w = world_with(|b| {
+        b.policy("finance.yaml", &priced_policy())
+            .agent_arg("--state-backend=redis")
+            .agent_arg(&redis_url)
+            .agent_arg("--state-unavailable=open")
+    });
+    let out = concurrent_priced_calls(&w, 2);
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines, ["200", "200"], "{out}");
+    assert!(
+        w.agent_log().contains("call let through uncounted"),
+        "the fail-open pass is logged\n{}",
+        w.agent_log()
+    );
 }
 
 /// A webhook receiver for the node namespace: appends each POSTed body as a line to a file.

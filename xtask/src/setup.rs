@@ -35,6 +35,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("node", "nodejs"),
     ("nsenter", "util-linux"),
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
 ];
 
 /// Debian's policy hook for maintainer scripts: while it exits 101, installing a package never

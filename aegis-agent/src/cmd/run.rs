@@ -41,7 +41,7 @@ use crate::{
     killswitch::{KillSwitch, Target},
     l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
     policy::{L7Engine, PolicySet},
-    telemetry,
+    state, telemetry,
     token::{self, TokenVerifier},
 };
 
@@ -166,7 +166,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
                 &args.token_header,
             )),
         },
-        Arc::new(RedbStore::open(&args.state_db)?),
+        state_backend(&args)?,
         approvals.clone(),
     );
     let node = Arc::new(Node {
@@ -584,6 +584,46 @@ impl Handler for Node {
     ) -> Result<Reply, String> {
         self.decide_approval_reply(id, approve, reason, uid)
     }
+}
+
+/// The state stores `--state-backend` names.
+fn state_backend(args: &RunArgs) -> anyhow::Result<state::Backend> {
+    let on_unavailable = args.state_unavailable;
+    if on_unavailable == state::OnUnavailable::Open {
+        tracing::warn!(target: "aegis::agent", "--state-unavailable open: calls needing an unreachable state store pass uncounted (fail open)");
+    }
+    Ok(match args.state_backend {
+        state::BackendKind::Embedded => state::Backend {
+            budgets: Arc::new(RedbStore::open(&args.state_db)?),
+            rates: Arc::new(l7::limits::RateLimits::default()),
+            replay: Arc::new(token::MemoryReplay::default()),
+            remote: false,
+            on_unavailable,
+        },
+        state::BackendKind::Redis => {
+            let url = args
+                .redis_url
+                .clone()
+                .context("--state-backend redis needs --redis-url")?;
+            let redis = Arc::new(state::redis::RedisState::new(&state::redis::Settings {
+                url,
+                timeout: Duration::from_millis(args.redis_timeout_ms),
+            })?);
+            match redis.ping() {
+                Ok(()) => tracing::info!(target: "aegis::agent", "state in Redis"),
+                Err(e) => {
+                    tracing::error!(target: "aegis::agent", error = %e, mode = ?on_unavailable, "Redis unreachable at start; calls needing state follow --state-unavailable until it is back");
+                }
+            }
+            state::Backend {
+                budgets: redis.clone(),
+                rates: redis.clone(),
+                replay: redis,
+                remote: true,
+                on_unavailable,
+            }
+        }
+    })
 }
 
 /// The approvals' control-socket side (the HTTP API is [`approval::api`]).

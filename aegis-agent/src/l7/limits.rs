@@ -15,7 +15,11 @@ use governor::{
     clock::{Clock as _, DefaultClock},
 };
 
-use crate::{identity::Identity, policy::RateLimit};
+use crate::{
+    identity::Identity,
+    policy::RateLimit,
+    state::{RateStore, Unavailable},
+};
 
 /// Limiters kept at most; beyond, the map is cleared (buckets start full again).
 const MAX_LIMITERS: usize = 65_536;
@@ -53,6 +57,16 @@ impl RateLimits {
         limiter
             .check()
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+impl RateStore for RateLimits {
+    fn take(
+        &self,
+        identity: &Identity,
+        limit: RateLimit,
+    ) -> Result<Result<(), Duration>, Unavailable> {
+        Ok(self.check(identity, limit))
     }
 }
 

@@ -26,15 +26,16 @@ use rustls::{ServerConfig, pki_types::ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
-use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa, limits::RateLimits};
+use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa};
 use crate::{
     approval::{self, Approval, Approvals, NewApproval, OverrideError, Redeemed},
     audit::AuditLog,
-    budget::{self, BudgetError, BudgetStore},
+    budget::{self, BudgetError},
     egress::Enforcer,
     identity::Identity,
     killswitch::KillSwitch,
     policy::{Mode, PolicySet},
+    state::{Backend, OnUnavailable, Unavailable},
     telemetry::{self, L7Record},
     token::{TokenError, TokenVerifier},
 };
@@ -73,9 +74,8 @@ struct Shared {
     decider: Arc<dyn Decider>,
     audit: AuditLog,
     kill: Arc<KillSwitch>,
-    limits: RateLimits,
     tokens: Option<TokenVerifier>,
-    budgets: Arc<dyn BudgetStore>,
+    state: Backend,
     approvals: Arc<Approvals>,
     bound: Mutex<HashSet<u16>>,
 }
@@ -114,8 +114,8 @@ enum Refusal {
     Token(TokenError),
     #[error("{0}")]
     BudgetExceeded(String),
-    #[error("budget store unavailable (fail closed): {0}")]
-    BudgetStore(String),
+    #[error("{what}: {message} (fail closed)")]
+    StateUnavailable { what: &'static str, message: String },
     #[error("{0}")]
     Override(OverrideError),
     #[error("approvals: {0}")]
@@ -141,7 +141,7 @@ impl Refusal {
             Refusal::Token(TokenError::WrongIdentity { .. }) => "token_wrong_identity",
             Refusal::Token(_) => "token_invalid",
             Refusal::BudgetExceeded(_) => "budget_exceeded",
-            Refusal::BudgetStore(_) => "budget_store_unavailable",
+            Refusal::StateUnavailable { .. } => "state_unavailable",
             Refusal::Override(e) => e.reason(),
             Refusal::Approvals(_) => "approvals_unavailable",
         }
@@ -158,7 +158,9 @@ impl Refusal {
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Token(_) => StatusCode::UNAUTHORIZED,
             Refusal::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
-            Refusal::BudgetStore(_) | Refusal::Approvals(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::StateUnavailable { .. } | Refusal::Approvals(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -196,7 +198,7 @@ impl L7Proxy {
         audit: AuditLog,
         kill: Arc<KillSwitch>,
         tokens: Option<TokenVerifier>,
-        budgets: Arc<dyn BudgetStore>,
+        state: Backend,
         approvals: Arc<Approvals>,
     ) -> L7Proxy {
         let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -217,9 +219,8 @@ impl L7Proxy {
                 decider,
                 audit,
                 kill,
-                limits: RateLimits::default(),
                 tokens,
-                budgets,
+                state,
                 approvals,
                 bound: Mutex::new(HashSet::new()),
             }),
@@ -412,14 +413,17 @@ async fn decide_and_forward(
         .map_or((None, None, Mode::Enforce), |p| {
             (p.rate_limit, p.budget, p.mode)
         });
-    let limited = rate_limit.map(|l| (l, mode));
-    if let Some((limit, mode)) = limited
-        && let Err(retry_after) = shared.limits.check(&conn.identity, limit)
-    {
-        if mode == Mode::Shadow {
-            would_rate_limit = true;
-        } else {
-            return refuse(Refusal::RateLimited { retry_after });
+    if let Some(limit) = rate_limit {
+        let (rates, identity) = (shared.state.rates.clone(), conn.identity.clone());
+        match shared.state.run(move || rates.take(&identity, limit)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) if mode == Mode::Shadow => would_rate_limit = true,
+            Ok(Err(retry_after)) => return refuse(Refusal::RateLimited { retry_after }),
+            Err(e) => {
+                if let Some(refusal) = state_unavailable(shared, conn, "rate limit store", e) {
+                    return refuse(refusal);
+                }
+            }
         }
     }
     let host = req
@@ -438,11 +442,21 @@ async fn decide_and_forward(
     if let Some(verifier) = &shared.tokens
         && let Some(value) = req.headers().get(verifier.header.as_str())
     {
-        let value = value.to_str().unwrap_or("");
-        match verifier.check(value, &conn.identity) {
-            Ok(claims) => record.token_jti = Some(claims.jti),
+        let claims = match verifier.verify(value.to_str().unwrap_or(""), &conn.identity) {
+            Ok(claims) => claims,
             Err(e) => return refuse(Refusal::Token(e)),
+        };
+        let (replay, jti, exp) = (shared.state.replay.clone(), claims.jti.clone(), claims.exp);
+        match shared.state.run(move || replay.first_use(&jti, exp)).await {
+            Ok(true) => {}
+            Ok(false) => return refuse(Refusal::Token(TokenError::Replayed(claims.jti))),
+            Err(e) => {
+                if let Some(refusal) = state_unavailable(shared, conn, "token replay store", e) {
+                    return refuse(refusal);
+                }
+            }
         }
+        record.token_jti = Some(claims.jti);
     }
     if host != conn.sni {
         return refuse(Refusal::HostMismatch {
@@ -547,7 +561,7 @@ async fn decide_and_forward(
             chrono::Utc::now(),
         );
         let amount = budget::micros(cost);
-        let (store, to_charge) = (shared.budgets.clone(), periods.clone());
+        let (store, to_charge) = (shared.state.budgets.clone(), periods.clone());
         let result = tokio::task::spawn_blocking(move || store.charge(&to_charge, amount))
             .await
             .unwrap_or_else(|e| Err(BudgetError::Store(e.to_string())));
@@ -560,7 +574,13 @@ async fn decide_and_forward(
             Err(e @ BudgetError::Exceeded { .. }) => {
                 return refuse(Refusal::BudgetExceeded(e.to_string()));
             }
-            Err(e) => return refuse(Refusal::BudgetStore(e.to_string())),
+            Err(e) => {
+                if let Some(refusal) =
+                    state_unavailable(shared, conn, "budget store", Unavailable(e.to_string()))
+                {
+                    return refuse(refusal);
+                }
+            }
         }
     }
     let length = forward_body.len();
@@ -580,7 +600,7 @@ async fn decide_and_forward(
         Ok(resp) => (resp, None),
         Err(refusal) => {
             if let Some((periods, amount)) = charged {
-                let store = shared.budgets.clone();
+                let store = shared.state.budgets.clone();
                 let refunded =
                     tokio::task::spawn_blocking(move || store.refund(&periods, amount)).await;
                 if !matches!(refunded, Ok(Ok(()))) {
@@ -588,6 +608,26 @@ async fn decide_and_forward(
                 }
             }
             refuse(refusal)
+        }
+    }
+}
+
+/// A store the request needs is unreachable: the refusal (`--state-unavailable closed`), or
+/// `None` with a log line when the operator chose to let such calls through (`open`).
+fn state_unavailable(
+    shared: &Shared,
+    conn: &Conn,
+    what: &'static str,
+    e: Unavailable,
+) -> Option<Refusal> {
+    match shared.state.on_unavailable {
+        OnUnavailable::Closed => Some(Refusal::StateUnavailable {
+            what,
+            message: e.to_string(),
+        }),
+        OnUnavailable::Open => {
+            tracing::warn!(target: "aegis::l7", identity = %conn.identity, store = what, error = %e, "state store unavailable; call let through uncounted (--state-unavailable open)");
+            None
         }
     }
 }
