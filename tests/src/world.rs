@@ -1908,7 +1908,7 @@ fn rand_serial(name: &str) -> u64 {
 /// addresses in the JSON config given as argv[1]; touches the config's `ready` path once every
 /// socket is bound.
 const SERVERS_PY: &str = r#"
-import json, socket, socketserver, ssl, sys, threading
+import json, socket, socketserver, ssl, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 cfg = json.load(open(sys.argv[1]))
@@ -1926,6 +1926,8 @@ class Handler(BaseHTTPRequestHandler):
         # Echo what arrived, so tests can see what the upstream received (e.g. redactions).
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8", "replace")
+        if self.path == "/v1/chat/completions":
+            return self.llm(body)
         out = json.dumps({"server": self.server.aegis_name, "method": "POST", "path": self.path,
                           "content_type": self.headers.get("Content-Type"), "body": body,
                           "agent_token": self.headers.get("X-Aegis-Agent-Token")}).encode()
@@ -1934,6 +1936,39 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
         self.wfile.write(out)
+    def llm(self, body):
+        # An OpenAI-style chat completion reporting usage: input tokens = request bytes // 4,
+        # output tokens = max_tokens // 4; streamed as Server-Sent Events over `hold_s` seconds
+        # when the request says `"stream": true` (usage in the last chunk, then [DONE]).
+        req = json.loads(body)
+        usage = {"prompt_tokens": len(body.encode()) // 4, "completion_tokens": req.get("max_tokens", 0) // 4}
+        if not req.get("stream"):
+            out = json.dumps({"object": "chat.completion", "choices": [{"message": {"content": "ok"}}], "usage": usage}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
+        # Chunked, as the real APIs stream (a close-delimited body would end without a TLS
+        # close_notify, which the enforcer rightly treats as truncation).
+        self.protocol_version = "HTTP/1.1"
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        def chunk(text):
+            data = text.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        chunks = 4
+        for i in range(chunks):
+            chunk("data: %s\n\n" % json.dumps({"choices": [{"delta": {"content": "part%d" % i}}], "usage": None}))
+            time.sleep(float(req.get("hold_s", 0)) / chunks)
+        chunk("data: %s\n\ndata: [DONE]\n\n" % json.dumps({"choices": [], "usage": usage}))
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
     def log_message(self, fmt, *args):
         sys.stderr.write("%s %s -> %s\n" % (self.client_address[0], self.server.aegis_name, fmt % args))
         sys.stderr.flush()

@@ -1275,3 +1275,142 @@ fn a_held_request_goes_through_when_approved_meanwhile() {
     assert_eq!(status, "200", "{text}\n{}", w.diagnostics());
     assert_eq!(json(echo, &w)["body"], body);
 }
+
+const OPENAI: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
+const LLM: Option<(&str, Option<&str>)> = Some(("llm-agent", None));
+
+/// llm-agent: chat completions priced by tokens (inflated prices so costs are visible: 100 and
+/// 400 USD per million input and output tokens), 1 USD a day.
+const LLM_POLICY: &str = r#"
+agent: llm-agent
+version: 1
+budget: { daily_usd: 1 }
+egress:
+  - fqdn: api.openai.com
+    ports: [443]
+    inspect: true
+tools:
+  - name: openai
+    host: api.openai.com
+    actions:
+      - name: chat_completions
+        method: POST
+        path: /v1/chat/completions
+        llm:
+          max_output_tokens: 4096
+          models:
+            gpt-4o-mini: { input_usd_per_mtok: 100, output_usd_per_mtok: 400 }
+"#;
+
+/// A chat request body of exactly `len` bytes (padded in the prompt), with `max_tokens`.
+fn chat_body(len: usize, max_tokens: u32, stream: bool, hold_s: f64) -> String {
+    let head = format!(
+        r#"{{"model":"gpt-4o-mini","max_tokens":{max_tokens},"stream":{stream},"hold_s":{hold_s},"messages":[{{"role":"user","content":""#
+    );
+    let tail = r#""}]}"#;
+    let pad = len - head.len() - tail.len();
+    format!("{head}{}{tail}", "x".repeat(pad))
+}
+
+#[test]
+fn llm_calls_reserve_their_bound_and_settle_to_streamed_usage_without_overspending() {
+    let redis_url = format!("--redis-url=redis://127.0.0.1:{REDIS_PORT}/0");
+    let mut w = world_with(|b| {
+        b.record(DnsRecord::new("api.openai.com", Some(OPENAI), None, 60))
+            .http_server(HttpServer::new("api.openai.com", Some(OPENAI), None, &[443]).with_tls())
+            .policy("llm.yaml", LLM_POLICY)
+            .agent_arg("--state-backend=redis")
+            .agent_arg(&redis_url)
+    });
+    start_redis(&mut w);
+    // 400 bytes, max_tokens 400: reserved 400 × 100 + 400 × 400 = 200,000 micro-USD; the fake
+    // upstream reports 100 input and 100 output tokens: 50,000.
+    let (reserved, actual) = (200_000u64, 50_000u64);
+    let ca = w.node_ca().to_string_lossy().into_owned();
+    let script = r#"
+import json, ssl, sys, threading, urllib.request, urllib.error
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+body = sys.argv[3].encode()
+results, lock = [], threading.Lock()
+def call():
+    req = urllib.request.Request("https://api.openai.com/v1/chat/completions", data=body,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=ctx) as r:
+            text = r.read().decode()
+            out = (r.status, "usage" if '"completion_tokens": 100' in text else text[:200])
+    except urllib.error.HTTPError as e:
+        out = (e.code, json.load(e).get("reason", ""))
+    except Exception as e:
+        out = (0, repr(e))
+    with lock:
+        results.append(out)
+threads = [threading.Thread(target=call) for _ in range(int(sys.argv[2]))]
+for t in threads: t.start()
+for t in threads: t.join()
+for c, r in sorted(results): print(c, r)
+"#;
+    let python = w.python().to_string_lossy().into_owned();
+    let run = |n: &str, body: &str| {
+        let out = w.pod_exec(1, LLM, &[&python, "-c", script, &ca, n, body]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            describe(&out),
+            w.diagnostics()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let spent = || {
+        let key = format!("aegis:budget:llm-agent@default|day:{}", chrono_day());
+        let out = w.node_exec(&["redis-cli", "-p", &REDIS_PORT.to_string(), "get", &key]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    // Twelve concurrent streamed calls, each holding its reservation for 2 s: only as many as
+    // the budget can bound (1,000,000 / 200,000 = 5) go out; every streamed one settles.
+    let body = chat_body(400, 400, true, 2.0);
+    let out = run("12", &body);
+    let passed = out.lines().filter(|l| *l == "200 usage").count();
+    let refused = out.lines().filter(|l| *l == "402 BudgetExceeded").count();
+    assert_eq!((passed, refused), (5, 7), "{out}\n{}", w.diagnostics());
+    // Settled to the reported usage: 5 × 50,000, never above the budget at any time.
+    assert!(
+        aegis_tests::world::wait_until(Duration::from_secs(5), || spent() == 5 * actual),
+        "spent {} after settling, expected {}\n{}",
+        spent(),
+        5 * actual,
+        w.diagnostics()
+    );
+    // The settled budget has room again: a non-streamed call passes and settles too.
+    let out = run("1", &chat_body(400, 400, false, 0.0));
+    assert_eq!(out.trim(), "200 usage", "{out}");
+    assert!(
+        aegis_tests::world::wait_until(Duration::from_secs(5), || spent() == 6 * actual),
+        "spent {}",
+        spent()
+    );
+    // Each settlement is audited with the tokens, the reservation and the cost.
+    std::thread::sleep(Duration::from_millis(300));
+    let usage: Vec<Value> = w
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "llm_usage")
+        .collect();
+    assert_eq!(usage.len(), 6, "{usage:?}");
+    for r in &usage {
+        assert_eq!(
+            (r["input_tokens"].as_u64(), r["output_tokens"].as_u64()),
+            (Some(100), Some(100)),
+            "{r}"
+        );
+        assert_eq!(
+            r["reserved_usd"].as_f64(),
+            Some(reserved as f64 / 1e6),
+            "{r}"
+        );
+        assert_eq!(r["cost_usd"].as_f64(), Some(actual as f64 / 1e6), "{r}");
+    }
+}

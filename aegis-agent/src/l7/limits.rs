@@ -1,6 +1,6 @@
 //! Per-identity L7 request rate limits (the policy's `rate_limit`), GCRA by `governor`.
 //!
-//! One limiter per (agent, tenant), created on the identity's first request and replaced when
+//! One limiter per bucket (`agent@tenant`, or `agent@tenant/tool` for a tool's own limit), created on its first request and replaced when
 //! its policy's quota changes (a reload starts the new quota with a full bucket). Every request
 //! counts, refused ones included, so a client hammering a denied endpoint is slowed down too.
 
@@ -16,7 +16,6 @@ use governor::{
 };
 
 use crate::{
-    identity::Identity,
     policy::RateLimit,
     state::{RateStore, Unavailable},
 };
@@ -24,23 +23,19 @@ use crate::{
 /// Limiters kept at most; beyond, the map is cleared (buckets start full again).
 const MAX_LIMITERS: usize = 65_536;
 
-/// (agent, tenant).
-type Key = (String, String);
-
 /// The node's rate limiters: each identity's quota and bucket.
 #[derive(Default)]
 pub struct RateLimits {
-    limiters: Mutex<HashMap<Key, (RateLimit, Arc<DefaultDirectRateLimiter>)>>,
+    limiters: Mutex<HashMap<String, (RateLimit, Arc<DefaultDirectRateLimiter>)>>,
 }
 
 impl RateLimits {
-    /// Takes one request of `identity` under `limit`: `Ok`, or `Err(wait)` when over the rate,
-    /// with how long until a request would pass.
-    pub fn check(&self, identity: &Identity, limit: RateLimit) -> Result<(), Duration> {
+    /// Takes one request from bucket `key` under `limit`: `Ok`, or `Err(wait)` when over the
+    /// rate, with how long until a request would pass.
+    pub fn check(&self, key: &str, limit: RateLimit) -> Result<(), Duration> {
         let limiter = {
             let mut map = self.limiters.lock().expect("lock poisoned");
-            let key = (identity.agent.to_string(), identity.tenant.to_string());
-            match map.get(&key) {
+            match map.get(key) {
                 Some((l, limiter)) if *l == limit => limiter.clone(),
                 _ => {
                     if map.len() >= MAX_LIMITERS {
@@ -49,7 +44,7 @@ impl RateLimits {
                     let quota = Quota::per_second(limit.requests_per_second)
                         .allow_burst(limit.burst.unwrap_or(limit.requests_per_second));
                     let limiter = Arc::new(RateLimiter::direct(quota));
-                    map.insert(key, (limit, limiter.clone()));
+                    map.insert(key.to_owned(), (limit, limiter.clone()));
                     limiter
                 }
             }
@@ -61,12 +56,8 @@ impl RateLimits {
 }
 
 impl RateStore for RateLimits {
-    fn take(
-        &self,
-        identity: &Identity,
-        limit: RateLimit,
-    ) -> Result<Result<(), Duration>, Unavailable> {
-        Ok(self.check(identity, limit))
+    fn take(&self, key: &str, limit: RateLimit) -> Result<Result<(), Duration>, Unavailable> {
+        Ok(self.check(key, limit))
     }
 }
 
@@ -83,21 +74,20 @@ mod tests {
             requests_per_second: NonZeroU32::new(1).unwrap(),
             burst: NonZeroU32::new(3),
         };
-        let a = Identity::new("a", None).unwrap();
-        let b = Identity::new("b", None).unwrap();
+        let (a, b) = ("a@default", "b@default");
         for _ in 0..3 {
-            assert!(limits.check(&a, limit).is_ok());
+            assert!(limits.check(a, limit).is_ok());
         }
-        let wait = limits.check(&a, limit).expect_err("over the burst");
+        let wait = limits.check(a, limit).expect_err("over the burst");
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
         assert!(
-            limits.check(&b, limit).is_ok(),
+            limits.check(b, limit).is_ok(),
             "another identity has its own bucket"
         );
         std::thread::sleep(Duration::from_millis(1100));
-        assert!(limits.check(&a, limit).is_ok(), "refilled at 1/s");
+        assert!(limits.check(a, limit).is_ok(), "refilled at 1/s");
     }
 }

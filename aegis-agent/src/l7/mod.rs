@@ -9,6 +9,7 @@ pub mod ca;
 pub mod decide;
 pub mod limits;
 pub mod proxy;
+pub mod usage;
 
 use crate::identity::Identity;
 

@@ -26,7 +26,7 @@ use rustls::{ServerConfig, pki_types::ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
-use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa};
+use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa, usage};
 use crate::{
     approval::{self, Approval, Approvals, NewApproval, OverrideError, Redeemed},
     audit::AuditLog,
@@ -406,16 +406,14 @@ async fn decide_and_forward(
     }
     // Every request counts against the identity's rate, before any work on it.
     let mut would_rate_limit = false;
-    let (rate_limit, budget, mode) = shared
+    let (rate_limit, mode) = shared
         .policies
         .load()
         .for_identity(conn.identity.agent.as_str(), conn.identity.tenant.as_str())
-        .map_or((None, None, Mode::Enforce), |p| {
-            (p.rate_limit, p.budget, p.mode)
-        });
+        .map_or((None, Mode::Enforce), |p| (p.rate_limit, p.mode));
     if let Some(limit) = rate_limit {
-        let (rates, identity) = (shared.state.rates.clone(), conn.identity.clone());
-        match shared.state.run(move || rates.take(&identity, limit)).await {
+        let (rates, key) = (shared.state.rates.clone(), conn.identity.to_string());
+        match shared.state.run(move || rates.take(&key, limit)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) if mode == Mode::Shadow => would_rate_limit = true,
             Ok(Err(retry_after)) => return refuse(Refusal::RateLimited { retry_after }),
@@ -548,25 +546,39 @@ async fn decide_and_forward(
             }
         }
     };
-    // A priced call is charged to the identity's budget before it leaves, refunded if it
-    // does not get through.
+    // Tool-level rate limit, for requests routed to the tool.
+    let priced = Priced::of(shared, conn, &decision, &forward_body);
+    if let Some((key, limit)) = priced.tool_rate.clone() {
+        let rates = shared.state.rates.clone();
+        match shared.state.run(move || rates.take(&key, limit)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) if mode == Mode::Shadow => {
+                record.would = Some("deny".into());
+                record.reason = format!("{}; would be rate_limited (tool)", record.reason);
+            }
+            Ok(Err(retry_after)) => return refuse(Refusal::RateLimited { retry_after }),
+            Err(e) => {
+                if let Some(refusal) = state_unavailable(shared, conn, "rate limit store", e) {
+                    return refuse(refusal);
+                }
+            }
+        }
+    }
+    // A priced call is charged to the identity's (and tool's) budget before it leaves: its
+    // fixed price, or the reservation bounding an LLM call's cost; refunded if it does not get
+    // through, settled to the reported usage when an LLM response ends.
+    if priced.llm.is_some() {
+        record.estimated_cost_usd = Some(priced.amount as f64 / 1e6);
+    }
     let mut charged = None;
-    if let (Some(b), Some(cost)) = (budget, decision.estimated_cost_usd)
-        && cost > 0.0
-    {
-        let periods = budget::periods(
-            &conn.identity.to_string(),
-            b.daily_usd,
-            b.monthly_usd,
-            chrono::Utc::now(),
-        );
-        let amount = budget::micros(cost);
-        let (store, to_charge) = (shared.state.budgets.clone(), periods.clone());
+    if priced.amount > 0 && !priced.periods.is_empty() {
+        let amount = priced.amount;
+        let (store, to_charge) = (shared.state.budgets.clone(), priced.periods.clone());
         let result = tokio::task::spawn_blocking(move || store.charge(&to_charge, amount))
             .await
             .unwrap_or_else(|e| Err(BudgetError::Store(e.to_string())));
         match result {
-            Ok(()) => charged = Some((periods, amount)),
+            Ok(()) => charged = Some((priced.periods.clone(), amount)),
             Err(e @ BudgetError::Exceeded { .. }) if mode == Mode::Shadow => {
                 record.would = Some("deny".into());
                 record.reason = format!("{}; would be budget_exceeded: {e}", record.reason);
@@ -597,7 +609,10 @@ async fn decide_and_forward(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     match forward(shared, conn, upstream_req).await {
-        Ok(resp) => (resp, None),
+        Ok(resp) => match priced.llm {
+            Some(prices) => (meter(shared, conn, record, resp, prices, charged), None),
+            None => (resp, None),
+        },
         Err(refusal) => {
             if let Some((periods, amount)) = charged {
                 let store = shared.state.budgets.clone();
@@ -610,6 +625,139 @@ async fn decide_and_forward(
             refuse(refusal)
         }
     }
+}
+
+/// What a decided request costs and which limits of its tool apply.
+struct Priced {
+    /// Micro-USD to charge before forwarding (fixed price or LLM reservation).
+    amount: u64,
+    /// Budget periods it counts against: the identity's, then the tool's.
+    periods: Vec<budget::Period>,
+    /// The LLM prices when the cost is token-based (the response is then metered).
+    llm: Option<usage::Prices>,
+    /// The tool's rate limit, keyed `agent@tenant/tool`.
+    tool_rate: Option<(String, crate::policy::RateLimit)>,
+}
+
+impl Priced {
+    fn of(shared: &Shared, conn: &Conn, decision: &Decision, body: &[u8]) -> Priced {
+        let policies = shared.policies.load();
+        let identity = conn.identity.to_string();
+        let policy =
+            policies.for_identity(conn.identity.agent.as_str(), conn.identity.tenant.as_str());
+        let tool = policy
+            .zip(decision.tool.as_deref())
+            .and_then(|(p, name)| p.tools.iter().find(|t| t.name.as_str() == name));
+        let action = tool
+            .zip(decision.action.as_deref())
+            .and_then(|(t, name)| t.actions.iter().find(|a| a.name.as_str() == name));
+        let now = chrono::Utc::now();
+        let mut periods = policy
+            .and_then(|p| p.budget)
+            .map(|b| budget::periods(&identity, b.daily_usd, b.monthly_usd, now))
+            .unwrap_or_default();
+        if let Some(t) = tool
+            && let Some(b) = t.budget
+        {
+            let key = format!("{identity}|tool:{}", t.name.as_str());
+            periods.extend(budget::periods(&key, b.daily_usd, b.monthly_usd, now));
+        }
+        let (amount, llm) = match action.and_then(|a| a.llm.as_ref()) {
+            Some(pricing) => {
+                let (prices, bound) = usage::reservation(pricing, body);
+                (usage::cost_micros(bound, prices), Some(prices))
+            }
+            None => (
+                decision
+                    .estimated_cost_usd
+                    .filter(|c| *c > 0.0)
+                    .map_or(0, budget::micros),
+                None,
+            ),
+        };
+        Priced {
+            amount,
+            periods,
+            llm,
+            tool_rate: tool.and_then(|t| {
+                t.rate_limit
+                    .map(|l| (format!("{identity}/{}", t.name.as_str()), l))
+            }),
+        }
+    }
+}
+
+/// Wraps an LLM response so that, when it ends, its reported usage settles the reservation
+/// (`charged`: periods and reserved micro-USD) and an `llm_usage` audit record is written.
+fn meter(
+    shared: &Shared,
+    conn: &Conn,
+    record: &L7Record,
+    resp: Response<Body>,
+    prices: usage::Prices,
+    charged: Option<(Vec<budget::Period>, u64)>,
+) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let reader = usage::UsageReader::new(
+        parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let store = shared.state.budgets.clone();
+    let audit = shared.audit.clone();
+    let mut settled = UsageRecord {
+        kind: "llm_usage",
+        agent: conn.identity.agent.to_string(),
+        tenant: conn.identity.tenant.to_string(),
+        tool: record.tool.clone(),
+        action: record.action.clone(),
+        input_tokens: None,
+        output_tokens: None,
+        reserved_usd: charged.as_ref().map(|(_, r)| *r as f64 / 1e6),
+        cost_usd: None,
+    };
+    let settle: usage::Settle = Box::new(move |reported| {
+        if let Some(u) = reported {
+            let cost = usage::cost_micros(u, prices);
+            settled.input_tokens = Some(u.input_tokens);
+            settled.output_tokens = Some(u.output_tokens);
+            settled.cost_usd = Some(cost as f64 / 1e6);
+            if let Some((periods, reserved)) = charged {
+                let delta = i64::try_from(cost).unwrap_or(i64::MAX)
+                    - i64::try_from(reserved).unwrap_or(i64::MAX);
+                let write = move || {
+                    if let Err(e) = store.add(&periods, delta) {
+                        tracing::error!(target: "aegis::l7", error = %e, delta_micro_usd = delta, "settling an LLM call's budget failed; the reservation stays charged");
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(handle) => drop(handle.spawn_blocking(write)),
+                    Err(_) => write(),
+                }
+            }
+        } else {
+            tracing::warn!(target: "aegis::l7", agent = %settled.agent, tool = ?settled.tool, "LLM response reported no usage (or ended early); the reservation stays charged");
+        }
+        audit.append(&settled);
+    });
+    Response::from_parts(parts, usage::MeteredBody::new(body, reader, settle).boxed())
+}
+
+/// The audit record of an LLM call's settled cost.
+#[derive(serde::Serialize)]
+struct UsageRecord {
+    kind: &'static str,
+    agent: String,
+    tenant: String,
+    tool: Option<String>,
+    action: Option<String>,
+    /// `None`: the response reported no usage; the reservation stays charged.
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    /// `None`: no budget applies.
+    reserved_usd: Option<f64>,
+    cost_usd: Option<f64>,
 }
 
 /// A store the request needs is unreachable: the refusal (`--state-unavailable closed`), or

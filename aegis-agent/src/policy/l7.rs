@@ -123,6 +123,39 @@ pub struct Tool {
     /// Exact host or `*.` wildcard; must be covered by an `inspect: true` egress entry.
     pub host: FqdnPattern,
     pub actions: Vec<Action>,
+    /// Spend limit of this tool's priced calls, on top of the identity's `budget`.
+    #[serde(default)]
+    pub budget: Option<super::Budget>,
+    /// Rate of the identity's requests routed to this tool, on top of its `rate_limit`.
+    #[serde(default)]
+    pub rate_limit: Option<super::RateLimit>,
+}
+
+/// Token-based pricing of an LLM API action (see [`crate::l7::usage`]): a reservation from
+/// the request before the call, settled to the response's reported `usage`.
+///
+/// ```yaml
+/// llm:
+///   max_output_tokens: 4096          # reserved when the request sets no max_tokens
+///   models:
+///     gpt-4o-mini: { input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60 }
+/// ```
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmPricing {
+    /// Output tokens reserved when the request sets no `max_tokens`.
+    pub max_output_tokens: u32,
+    /// USD per million tokens by model name (the request's `model`); a model not listed is
+    /// priced as the most expensive one listed.
+    pub models: BTreeMap<String, ModelPrice>,
+}
+
+/// Prices of one model, USD per million tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input_usd_per_mtok: f64,
+    pub output_usd_per_mtok: f64,
 }
 
 /// One action of a tool: the requests it covers and what to do with them.
@@ -138,6 +171,8 @@ pub struct Action {
     pub sanitize: Vec<Ident>,
     /// Fixed price of one call, reported as the decision's estimated cost.
     pub price_usd: Option<f64>,
+    /// Token-based price (LLM APIs).
+    pub llm: Option<LlmPricing>,
     /// Constraints by parameter path (dotted for nested fields).
     pub params: BTreeMap<ParamPath, ParamRule>,
     pub hours: Option<Hours>,
@@ -155,6 +190,8 @@ struct RawAction {
     sanitize: Vec<Ident>,
     #[serde(default)]
     price_usd: Option<f64>,
+    #[serde(default)]
+    llm: Option<LlmPricing>,
     #[serde(default)]
     params: BTreeMap<ParamPath, ParamRule>,
     #[serde(default)]
@@ -187,6 +224,28 @@ impl TryFrom<RawAction> for Action {
                 "action {name}: `price_usd` must be a non-negative number"
             ));
         }
+        if let Some(llm) = &r.llm {
+            if r.price_usd.is_some() {
+                return Err(format!(
+                    "action {name}: give either `price_usd` or `llm` pricing, not both"
+                ));
+            }
+            if llm.models.is_empty() || llm.max_output_tokens == 0 {
+                return Err(format!(
+                    "action {name}: `llm` needs `models` and a positive `max_output_tokens`"
+                ));
+            }
+            let bad = llm.models.iter().find(|(_, p)| {
+                ![p.input_usd_per_mtok, p.output_usd_per_mtok]
+                    .iter()
+                    .all(|x| x.is_finite() && *x >= 0.0)
+            });
+            if let Some((model, _)) = bad {
+                return Err(format!(
+                    "action {name}: model {model}: prices must be non-negative numbers"
+                ));
+            }
+        }
         Ok(Action {
             name: r.name,
             methods: r.method,
@@ -194,6 +253,7 @@ impl TryFrom<RawAction> for Action {
             decision: r.decision,
             sanitize: r.sanitize,
             price_usd: r.price_usd,
+            llm: r.llm,
             params: r.params,
             hours: r.hours,
         })

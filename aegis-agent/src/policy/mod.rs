@@ -36,7 +36,7 @@ pub use cases::{run_cases, run_cases_timed, time_mix};
     reason = "API of the L7 enforcer: callers name what they need"
 )]
 pub use engine::{Backend, DEFAULT_EVAL_LIMIT, L7Decision, L7Engine, L7Error, L7Request};
-pub use l7::{CustomDetector, DLP_KINDS, L7Verdict, Tool};
+pub use l7::{CustomDetector, DLP_KINDS, L7Verdict, LlmPricing, Tool};
 pub use raw::{Budget, FqdnPattern, Name, RateLimit};
 pub use rego::compile_bundle;
 

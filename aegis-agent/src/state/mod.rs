@@ -13,7 +13,7 @@ pub mod redis;
 
 use std::{sync::Arc, time::Duration};
 
-use crate::{budget::BudgetStore, identity::Identity, policy::RateLimit};
+use crate::{budget::BudgetStore, policy::RateLimit};
 
 /// The store could not be reached or answered nonsense.
 #[derive(Debug, thiserror::Error)]
@@ -38,16 +38,13 @@ pub enum BackendKind {
 
 /// Rate-limit buckets.
 pub trait RateStore: Send + Sync {
-    /// Takes one request of `identity` under `limit`: `Ok(Ok(()))`, or `Ok(Err(wait))` when over
-    /// the rate, with how long until a request would pass.
+    /// Takes one request from bucket `key` (`agent@tenant`, or `agent@tenant/tool`) under
+    /// `limit`: `Ok(Ok(()))`, or `Ok(Err(wait))` when over the rate, with how long until a
+    /// request would pass.
     ///
     /// # Errors
     /// The store is unreachable.
-    fn take(
-        &self,
-        identity: &Identity,
-        limit: RateLimit,
-    ) -> Result<Result<(), Duration>, Unavailable>;
+    fn take(&self, key: &str, limit: RateLimit) -> Result<Result<(), Duration>, Unavailable>;
 }
 
 /// Token ids already used (replay protection).
