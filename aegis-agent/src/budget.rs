@@ -29,6 +29,8 @@ pub struct Period {
     pub limit: u64,
     /// `day` or `month`, for messages.
     pub name: &'static str,
+    /// Whether a call over this period's limit asks for approval instead of being refused.
+    pub approval_needed: bool,
 }
 
 /// The periods of `identity` (its `Display`, `agent@tenant`) at `now` under the policy limits.
@@ -44,6 +46,7 @@ pub fn periods(
             key: format!("{identity}|day:{}", now.format("%Y-%m-%d")),
             limit: micros(d),
             name: "day",
+            approval_needed: false,
         });
     }
     if let Some(m) = monthly_usd {
@@ -51,6 +54,7 @@ pub fn periods(
             key: format!("{identity}|month:{}", now.format("%Y-%m")),
             limit: micros(m),
             name: "month",
+            approval_needed: false,
         });
     }
     out
@@ -67,6 +71,8 @@ pub enum BudgetError {
         spent: u64,
         limit: u64,
         amount: u64,
+        /// The period's budget asks for approval instead.
+        approval_needed: bool,
     },
     #[error("budget store: {0}")]
     Store(String),
@@ -156,6 +162,7 @@ impl BudgetStore for RedbStore {
                     spent,
                     limit: p.limit,
                     amount,
+                    approval_needed: p.approval_needed,
                 })
             } else {
                 Ok(total)

@@ -985,6 +985,14 @@ fn approvals_world(extra: &[&str]) -> (World, std::path::PathBuf, tempfile::Temp
         1,
     );
     assert!(policy.contains("approval_needed_over"));
+    approvals_world_with(&policy, extra)
+}
+
+/// [`approvals_world`] with another finance-agent policy.
+fn approvals_world_with(
+    policy: &str,
+    extra: &[&str],
+) -> (World, std::path::PathBuf, tempfile::TempDir) {
     let files = tempfile::tempdir().unwrap();
     let approvers = files.path().join("approvers.yaml");
     let digest = {
@@ -1011,7 +1019,7 @@ fn approvals_world(extra: &[&str]) -> (World, std::path::PathBuf, tempfile::Temp
     let approvers_arg = format!("--approvers={}", approvers.display());
     let mut w = world_with(|b| {
         let mut b = b
-            .policy("finance.yaml", &policy)
+            .policy("finance.yaml", policy)
             .agent_arg(&approvers_arg)
             .agent_arg("--approval-webhook=http://127.0.0.1:18080/hook");
         for a in extra {
@@ -1413,4 +1421,112 @@ for c, r in sorted(results): print(c, r)
         );
         assert_eq!(r["cost_usd"].as_f64(), Some(actual as f64 / 1e6), "{r}");
     }
+}
+
+/// curl as finance-agent; (HTTP status, body).
+fn call(w: &World, args: &[&str]) -> (String, String) {
+    let mut argv = vec!["-w", "\n%{http_code}"];
+    argv.extend_from_slice(args);
+    let (code, out, err) = curl(w, FINANCE, &argv);
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    let (body, status) = out.rsplit_once('\n').expect("status line");
+    (status.to_owned(), body.to_owned())
+}
+
+#[test]
+fn tool_budgets_and_rate_limits_hold_for_their_tool_only() {
+    let policy = priced_policy()
+        .replacen(
+            "budget: { daily_usd: 5, monthly_usd: 100 }",
+            "budget: { daily_usd: 100 }",
+            1,
+        )
+        .replacen(
+            "  - name: stripe-payments\n    host: api.stripe.com\n",
+            "  - name: stripe-payments\n    host: api.stripe.com\n    budget: { daily_usd: 2 }\n",
+            1,
+        )
+        .replacen(
+            "  - name: slack\n    host: hooks.slack.com\n",
+            "  - name: slack\n    host: hooks.slack.com\n    rate_limit: { requests_per_second: 1, burst: 2 }\n",
+            1,
+        );
+    assert!(
+        policy.contains("daily_usd: 2") && policy.contains("burst: 2"),
+        "{policy}"
+    );
+    let w = world_with(|b| b.policy("finance.yaml", &policy));
+    let charge = || call(&w, &["https://api.stripe.com/v1/charges"]);
+    let statuses: Vec<String> = (0..3).map(|_| charge().0).collect();
+    assert_eq!(
+        statuses,
+        ["200", "200", "402"],
+        "the tool's 2 USD, not the agent's 100"
+    );
+    let (_, body) = charge();
+    assert!(
+        body.contains("BudgetExceeded") && body.contains("day budget"),
+        "{body}"
+    );
+    let post = || {
+        call(
+            &w,
+            &[
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"text":"hi"}"#,
+                "https://hooks.slack.com/services/T1",
+            ],
+        )
+        .0
+    };
+    let statuses: Vec<String> = (0..3).map(|_| post()).collect();
+    assert_eq!(
+        statuses,
+        ["200", "200", "429"],
+        "the slack tool's burst of 2"
+    );
+    // The payments tool has no rate limit of its own: still 402 (budget), not 429.
+    assert_eq!(charge().0, "402");
+}
+
+#[test]
+fn over_budget_calls_wait_for_a_human_when_the_budget_says_so() {
+    let policy = priced_policy().replacen(
+        "budget: { daily_usd: 5, monthly_usd: 100 }",
+        "budget: { daily_usd: 1, on_exceed: approval_needed }",
+        1,
+    );
+    let (w, _captured, _files) = approvals_world_with(&policy, &[]);
+    let charge = || call(&w, &["https://api.stripe.com/v1/charges"]);
+    assert_eq!(charge().0, "200", "within the budget");
+    let (status, body) = charge();
+    let v = json(&body, &w);
+    assert_eq!(
+        (status.as_str(), &v["error"]),
+        ("403", &Value::from("approval_needed")),
+        "{v}"
+    );
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("budget_exceeded"),
+        "{v}"
+    );
+    let id = v["approval_id"].as_str().unwrap().to_owned();
+    let (status, out) = approvals_api(
+        &w,
+        "POST",
+        &format!("/v1/approvals/{id}/approve"),
+        Some(APPROVER_TOKEN),
+    );
+    assert_eq!(status, "200", "{out}");
+    // The approved retry passes once, charged past the limit; the next one asks again.
+    assert_eq!(charge().0, "200", "{}", w.diagnostics());
+    let (status, body) = charge();
+    let v = json(&body, &w);
+    assert_eq!(status, "403");
+    assert_ne!(v["approval_id"], id.as_str(), "{v}");
 }

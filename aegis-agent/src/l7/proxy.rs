@@ -517,7 +517,7 @@ async fn decide_and_forward(
     record.mode = decision.mode;
     record.estimated_cost_usd = decision.estimated_cost_usd;
     let forward_body = match &decision.verdict {
-        Verdict::Allow => body,
+        Verdict::Allow => body.clone(),
         Verdict::Sanitize {
             body: redacted,
             findings,
@@ -582,6 +582,55 @@ async fn decide_and_forward(
             Err(e @ BudgetError::Exceeded { .. }) if mode == Mode::Shadow => {
                 record.would = Some("deny".into());
                 record.reason = format!("{}; would be budget_exceeded: {e}", record.reason);
+            }
+            Err(
+                e @ BudgetError::Exceeded {
+                    approval_needed: true,
+                    ..
+                },
+            ) => {
+                // Over budget, and the budget asks a human: the exact retry of an approved
+                // request is charged past the limit.
+                let over = Decision {
+                    reason: format!("budget_exceeded: {e}"),
+                    ..decision.clone()
+                };
+                match approve(shared, conn, &request, &over, override_token.as_deref()).await {
+                    Ok(Approved::Pass(redeemed)) => {
+                        let (store, to_charge) =
+                            (shared.state.budgets.clone(), priced.periods.clone());
+                        let delta = i64::try_from(amount).unwrap_or(i64::MAX);
+                        let forced =
+                            tokio::task::spawn_blocking(move || store.add(&to_charge, delta))
+                                .await
+                                .unwrap_or_else(|e| Err(BudgetError::Store(e.to_string())));
+                        if let Err(e) = forced {
+                            if let Some(refusal) = state_unavailable(
+                                shared,
+                                conn,
+                                "budget store",
+                                Unavailable(e.to_string()),
+                            ) {
+                                return refuse(refusal);
+                            }
+                        } else {
+                            charged = Some((priced.periods.clone(), amount));
+                        }
+                        record.reason = format!(
+                            "{}; over budget, approved by {} (approval {})",
+                            record.reason, redeemed.approved_by, redeemed.approval_id
+                        );
+                        record.approval_id = Some(redeemed.approval_id);
+                        record.approved_by = Some(redeemed.approved_by);
+                    }
+                    Ok(Approved::Wait(approval)) => {
+                        record.decision = "approval_needed";
+                        record.reason = over.reason.clone();
+                        record.approval_id = Some(approval.id.clone());
+                        return (decision_response(&over, Some(&approval)), None);
+                    }
+                    Err(refusal) => return refuse(refusal),
+                }
             }
             Err(e @ BudgetError::Exceeded { .. }) => {
                 return refuse(Refusal::BudgetExceeded(e.to_string()));
@@ -652,15 +701,24 @@ impl Priced {
             .zip(decision.action.as_deref())
             .and_then(|(t, name)| t.actions.iter().find(|a| a.name.as_str() == name));
         let now = chrono::Utc::now();
+        let periods_of = |key: &str, b: crate::policy::Budget| {
+            let mut ps = budget::periods(key, b.daily_usd, b.monthly_usd, now);
+            for p in &mut ps {
+                p.approval_needed = b.on_exceed == crate::policy::OnExceed::ApprovalNeeded;
+            }
+            ps
+        };
         let mut periods = policy
             .and_then(|p| p.budget)
-            .map(|b| budget::periods(&identity, b.daily_usd, b.monthly_usd, now))
+            .map(|b| periods_of(&identity, b))
             .unwrap_or_default();
         if let Some(t) = tool
             && let Some(b) = t.budget
         {
-            let key = format!("{identity}|tool:{}", t.name.as_str());
-            periods.extend(budget::periods(&key, b.daily_usd, b.monthly_usd, now));
+            periods.extend(periods_of(
+                &format!("{identity}|tool:{}", t.name.as_str()),
+                b,
+            ));
         }
         let (amount, llm) = match action.and_then(|a| a.llm.as_ref()) {
             Some(pricing) => {

@@ -37,7 +37,7 @@ pub use cases::{run_cases, run_cases_timed, time_mix};
 )]
 pub use engine::{Backend, DEFAULT_EVAL_LIMIT, L7Decision, L7Engine, L7Error, L7Request};
 pub use l7::{CustomDetector, DLP_KINDS, L7Verdict, LlmPricing, Tool};
-pub use raw::{Budget, FqdnPattern, Name, RateLimit};
+pub use raw::{Budget, FqdnPattern, Name, OnExceed, RateLimit};
 pub use rego::compile_bundle;
 
 /// Most distinct ports an identity's egress rules may name together: the kernel's allowlist

@@ -34,8 +34,9 @@ pub(super) struct RawPolicy {
     pub budget: Option<Budget>,
 }
 
-/// `budget`: USD the identity may spend on priced calls (actions' `price_usd`) per UTC day and
-/// per UTC month. Over it, calls are refused (402) until the period turns.
+/// `budget`: USD the identity (or a tool) may spend on priced calls (actions' `price_usd` or
+/// `llm` pricing) per UTC day and per UTC month. Over it, calls are refused (402) until the
+/// period turns, or held for a human approval (`on_exceed: approval_needed`).
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
@@ -43,6 +44,19 @@ pub struct Budget {
     pub daily_usd: Option<f64>,
     #[serde(default)]
     pub monthly_usd: Option<f64>,
+    #[serde(default)]
+    pub on_exceed: OnExceed,
+}
+
+/// What a call over budget gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExceed {
+    /// 402 `BudgetExceeded`.
+    #[default]
+    Deny,
+    /// An approval request; once approved, the exact retry passes (and is charged) once.
+    ApprovalNeeded,
 }
 
 /// `rate_limit`: the identity's L7 request rate, enforced by GCRA (a token bucket refilled at

@@ -189,6 +189,7 @@ impl BudgetStore for RedisState {
                     spent,
                     limit: p.limit,
                     amount,
+                    approval_needed: p.approval_needed,
                 })
             }
         }
