@@ -5,12 +5,17 @@
 //! against and is checked and written in one transaction of the store, so N concurrent calls
 //! never spend past the limit (with fixed prices the reservation is the cost; a call that
 //! fails upstream is refunded). State lives behind [`BudgetStore`]; the embedded backend is
-//! redb, durable across agent restarts (each charge is one committed, fsync'd transaction).
+//! redb, durable across agent restarts (charges are checked in memory and group-committed
+//! behind, see [`RedbStore`]).
 
-use std::path::Path;
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    sync::{Arc, Condvar, Mutex},
+};
 
 use chrono::{DateTime, Utc};
-use redb::{Database, ReadableTable as _, TableDefinition};
+use redb::{Database, TableDefinition};
 
 /// Spent micro-USD by `"<agent>@<tenant>|day:YYYY-MM-DD"` or `"...|month:YYYY-MM"`.
 const SPENT: TableDefinition<&str, u64> = TableDefinition::new("spent_micro_usd");
@@ -104,17 +109,45 @@ pub trait BudgetStore: Send + Sync {
     fn spent(&self, period: &Period) -> Result<u64, BudgetError>;
 }
 
-/// The embedded, durable store (redb).
+/// The embedded, durable store: spend kept in memory, where charges are checked and added
+/// under one lock (atomic, so concurrent calls never overspend), and written behind to redb by a
+/// flusher thread that commits every changed key in one fsync'd transaction at most every
+/// [`COMMIT_INTERVAL`] (group commit). A crash loses at most the charges of the last interval
+/// (10 ms) and of the commit in progress; a clean shutdown (drop) flushes everything.
 pub struct RedbStore {
-    db: Database,
+    inner: Arc<Inner>,
+    flusher: Option<std::thread::JoinHandle<()>>,
 }
+
+struct Inner {
+    db: Database,
+    state: Mutex<Cache>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// Spend by key: the authority for every key loaded.
+    spent: HashMap<String, u64>,
+    /// Keys changed since the last commit.
+    dirty: HashSet<String>,
+    /// The last commit failed with this (reported by the next charge: fail closed).
+    failed: Option<String>,
+    stop: bool,
+}
+
+/// Keys kept in memory at most; beyond, committed keys are dropped (they reload from redb).
+const MAX_CACHED: usize = 100_000;
+/// Shortest time between two commits: under load, charges are grouped into at most 100 fsync'd
+/// commits a second; a crash loses at most this much (plus the commit in progress).
+const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn store_err(e: impl std::fmt::Display) -> BudgetError {
     BudgetError::Store(e.to_string())
 }
 
 impl RedbStore {
-    /// Opens (creating) the database at `path`.
+    /// Opens (creating) the database at `path` and starts its flusher thread.
     ///
     /// # Errors
     /// The file cannot be created or is not a redb database.
@@ -124,36 +157,139 @@ impl RedbStore {
         }
         let db = Database::create(path)
             .map_err(|e| BudgetError::Store(format!("{}: {e}", path.display())))?;
-        Ok(RedbStore { db })
+        let inner = Arc::new(Inner {
+            db,
+            state: Mutex::new(Cache::default()),
+            wake: Condvar::new(),
+        });
+        let flusher = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("aegis-budget".into())
+                .spawn(move || inner.flush_loop())
+                .map_err(store_err)?
+        };
+        Ok(RedbStore {
+            inner,
+            flusher: Some(flusher),
+        })
     }
 
+    /// Applies `f` (new value from current value and period) to every period under the lock:
+    /// all or nothing.
     fn update(
         &self,
         periods: &[Period],
         f: impl Fn(u64, &Period) -> Result<u64, BudgetError>,
     ) -> Result<(), BudgetError> {
+        let mut cache = self.inner.state.lock().expect("budget lock poisoned");
+        if let Some(e) = &cache.failed {
+            return Err(BudgetError::Store(format!("the last commit failed: {e}")));
+        }
+        let mut next = Vec::with_capacity(periods.len());
+        for p in periods {
+            let spent = match cache.spent.get(&p.key) {
+                Some(v) => *v,
+                None => {
+                    let v = self.inner.load(&p.key)?;
+                    cache.spent.insert(p.key.clone(), v);
+                    v
+                }
+            };
+            next.push(f(spent, p)?);
+        }
+        for (p, value) in periods.iter().zip(next) {
+            cache.spent.insert(p.key.clone(), value);
+            cache.dirty.insert(p.key.clone());
+        }
+        drop(cache);
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// The committed value of `key` (0 when absent).
+    fn load(&self, key: &str) -> Result<u64, BudgetError> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let table = match txn.open_table(SPENT) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(store_err(e)),
+        };
+        Ok(table.get(key).map_err(store_err)?.map_or(0, |v| v.value()))
+    }
+
+    /// Commits dirty keys until stopped (and once more after).
+    fn flush_loop(&self) {
+        loop {
+            let started = std::time::Instant::now();
+            let (batch, stop) = {
+                let mut cache = self.state.lock().expect("budget lock poisoned");
+                while cache.dirty.is_empty() && !cache.stop {
+                    cache = self.wake.wait(cache).expect("budget lock poisoned");
+                }
+                let keys: Vec<String> = cache.dirty.drain().collect();
+                let batch: Vec<(String, u64)> = keys
+                    .into_iter()
+                    .map(|k| {
+                        let v = cache.spent.get(&k).copied().unwrap_or(0);
+                        (k, v)
+                    })
+                    .collect();
+                (batch, cache.stop)
+            };
+            if !batch.is_empty() {
+                let committed = self.commit(&batch);
+                let mut cache = self.state.lock().expect("budget lock poisoned");
+                match committed {
+                    Ok(()) => {
+                        if cache.spent.len() > MAX_CACHED {
+                            let dirty = std::mem::take(&mut cache.dirty);
+                            cache.spent.retain(|k, _| dirty.contains(k));
+                            cache.dirty = dirty;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(target: "aegis::budget", error = %e, "committing budget spend failed; refusing priced calls");
+                        cache.failed = Some(e.to_string());
+                    }
+                }
+            }
+            if stop {
+                return;
+            }
+            if let Some(rest) = COMMIT_INTERVAL.checked_sub(started.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+    }
+
+    fn commit(&self, batch: &[(String, u64)]) -> Result<(), BudgetError> {
         let txn = self.db.begin_write().map_err(store_err)?;
         {
             let mut table = txn.open_table(SPENT).map_err(store_err)?;
-            let mut next = Vec::with_capacity(periods.len());
-            for p in periods {
-                let spent = table
-                    .get(p.key.as_str())
-                    .map_err(store_err)?
-                    .map_or(0, |v| v.value());
-                next.push(f(spent, p)?);
-            }
-            for (p, value) in periods.iter().zip(next) {
-                table.insert(p.key.as_str(), value).map_err(store_err)?;
+            for (k, v) in batch {
+                table.insert(k.as_str(), *v).map_err(store_err)?;
             }
         }
         txn.commit().map_err(store_err)
     }
 }
 
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        self.inner.state.lock().expect("budget lock poisoned").stop = true;
+        self.inner.wake.notify_one();
+        if let Some(f) = self.flusher.take() {
+            let _ = f.join();
+        }
+    }
+}
+
 impl BudgetStore for RedbStore {
     fn charge(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError> {
-        // An error inside `update` drops the transaction uncommitted: nothing is written.
+        // An error inside `update` changes nothing.
         self.update(periods, |spent, p| {
             let total = spent.saturating_add(amount);
             if total > p.limit {
@@ -180,16 +316,15 @@ impl BudgetStore for RedbStore {
 
     #[cfg(test)]
     fn spent(&self, period: &Period) -> Result<u64, BudgetError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
-        let table = match txn.open_table(SPENT) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-            Err(e) => return Err(store_err(e)),
-        };
-        Ok(table
-            .get(period.key.as_str())
-            .map_err(store_err)?
-            .map_or(0, |v| v.value()))
+        let cached = self
+            .inner
+            .state
+            .lock()
+            .expect("budget lock poisoned")
+            .spent
+            .get(&period.key)
+            .copied();
+        cached.map_or_else(|| self.inner.load(&period.key), Ok)
     }
 }
 

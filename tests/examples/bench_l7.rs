@@ -24,6 +24,12 @@
 //! (`--h1`) and HTTP/2, percentiles from the per-request log. CPU: user+system time of the
 //! enforcer (the agent process) and of the nginx proxy's processes during each run.
 //!
+//! Budgets and rate limits: the same enforcer with them off (identity `bench`) and on
+//! (`bench-limited`: every GET charged 1 micro-USD and rate-limited, limits that never bite),
+//! with the embedded store, then again after restarting the agent on Redis (`redis-server` in
+//! the node namespace); off and on alternate `AEGIS_BENCH_ROUNDS` times (3), medians reported.
+//! `AEGIS_BENCH_ONLY=state` runs only this section.
+//!
 //! Decision alone: `aegis-agent policy bench` over the shipped example policies' test cases
 //! (`policies/`), the regorus evaluation without any I/O.
 //!
@@ -70,6 +76,21 @@ tools:
           max_tokens: { min: 1, max: 4096 }
 "#;
 
+/// The bench policy for `bench-limited`: the same tools, every GET priced at 1 micro-USD against
+/// a budget that never runs out, and a rate limit that never bites, so the runs measure the
+/// cost of keeping the state, not of refusing.
+fn limited_policy() -> String {
+    let p = POLICY
+        .replacen("agent: bench\n", "agent: bench-limited\nbudget: { daily_usd: 1000000, monthly_usd: 1000000 }\nrate_limit: { requests_per_second: 1000000, burst: 1000000 }\n", 1)
+        .replacen("        path: /bench\n", "        path: /bench\n        price_usd: 0.000001\n", 1);
+    assert!(p.contains("price_usd") && p.contains("agent: bench-limited"));
+    p
+}
+
+const LIMITED: Option<(&str, Option<&str>)> = Some(("bench-limited", None));
+/// Port of the benchmark's Redis (node namespace, loopback).
+const REDIS_PORT: u16 = 16379;
+
 const POST_BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":256,"messages":[{"role":"user","content":"Summarise ticket 4711 from jane@example.com: the invoice total looks wrong"}]}"#;
 
 fn main() {
@@ -82,7 +103,10 @@ fn main() {
         .min_ttl(300)
         .record(DnsRecord::new(UPSTREAM, Some(UPSTREAM_V4), None, 300))
         .policy("bench.yaml", POLICY)
+        .policy("bench-limited.yaml", &limited_policy())
         .build();
+    // `AEGIS_BENCH_ONLY=state`: only the budgets-and-rate-limits section.
+    let only_state = std::env::var("AEGIS_BENCH_ONLY").is_ok_and(|v| v == "state");
     let dir = world.dir().to_path_buf();
     let (cert, key) = world.server_cert(UPSTREAM);
     let proxy_v4 = pod_gateway_v4(1);
@@ -239,121 +263,130 @@ fn main() {
         }
     }
 
-    // === saturation ===
-    for tool in [Tool::Wrk, Tool::H2load] {
-        println!("## {}\n", tool.title(seconds));
-        println!(
-            "| path | request | requests/s | p50 ms | p99 ms | errors | CPU µs/request (proxy) | ratio to direct |"
-        );
-        println!("|---|---|---|---|---|---|---|---|");
-        let mut ratios = Vec::new();
-        for r in &requests {
-            let rows: Vec<Run> = paths.iter().map(|p| bench.saturate(tool, p, r)).collect();
-            for (p, run) in paths.iter().zip(&rows) {
-                println!(
-                    "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {:.2} |",
-                    p.label,
-                    r.label,
-                    run.rps,
-                    run.p50_us / 1000.0,
-                    run.p99_us / 1000.0,
-                    run.errors,
-                    run.cpu_us_per_req
-                        .map_or_else(|| "–".to_owned(), |c| format!("{c:.0}")),
-                    run.rps / rows[0].rps.max(1.0)
-                );
-            }
-            ratios.push((
-                r.label,
-                rows[2].rps / rows[1].rps.max(1.0),
-                rows[2].rps / rows[0].rps.max(1.0),
-            ));
-        }
-        println!();
-        for (label, vs_proxy, vs_direct) in ratios {
+    if !only_state {
+        // === saturation ===
+        for tool in [Tool::Wrk, Tool::H2load] {
+            println!("## {}\n", tool.title(seconds));
             println!(
-                "**{label}: enforcer/nginx-proxy {vs_proxy:.2}, enforcer/direct {vs_direct:.2}**  "
+                "| path | request | requests/s | p50 ms | p99 ms | errors | CPU µs/request (proxy) | ratio to direct |"
             );
-        }
-        println!();
-    }
-
-    // === fixed rate ===
-    let rate = FIXED_CLIENTS * FIXED_RPS_PER_CLIENT;
-    for (proto, extra) in [("HTTP/1.1", &["--h1"][..]), ("HTTP/2", &[][..])] {
-        println!(
-            "## {proto} at a fixed rate: {rate} requests/s ({FIXED_CLIENTS} connections × {FIXED_RPS_PER_CLIENT}/s, h2load --rps), {seconds} s\n"
-        );
-        println!(
-            "| path | request | requests/s | p50 ms | p99 ms | errors | added p99 over direct ms | inside the enforcer p50 / p99 ms |"
-        );
-        println!("|---|---|---|---|---|---|---|---|");
-        for r in &requests {
-            let mut direct_p99 = f64::NAN;
-            for (i, p) in paths.iter().enumerate() {
-                let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-                args.extend([
-                    "-c".into(),
-                    FIXED_CLIENTS.to_string(),
-                    "-m".into(),
-                    "1".into(),
-                    format!("--rps={FIXED_RPS_PER_CLIENT}"),
-                    "-D".into(),
-                    seconds.to_string(),
-                ]);
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let before = world.audit_records().len();
-                let run = bench.h2load(p, r, &args, "fixed");
-                if i == 0 {
-                    direct_p99 = run.p99_us;
+            println!("|---|---|---|---|---|---|---|---|");
+            let mut ratios = Vec::new();
+            for r in &requests {
+                let rows: Vec<Run> = paths.iter().map(|p| bench.saturate(tool, p, r)).collect();
+                for (p, run) in paths.iter().zip(&rows) {
+                    println!(
+                        "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {:.2} |",
+                        p.label,
+                        r.label,
+                        run.rps,
+                        run.p50_us / 1000.0,
+                        run.p99_us / 1000.0,
+                        run.errors,
+                        run.cpu_us_per_req
+                            .map_or_else(|| "–".to_owned(), |c| format!("{c:.0}")),
+                        run.rps / rows[0].rps.max(1.0)
+                    );
                 }
-                // The enforcer's own measure of each request (head in → response head out,
-                // upstream included), from its audit records: what the workload waits beyond it
-                // is the network path and TLS.
-                std::thread::sleep(std::time::Duration::from_millis(300));
-                let mut inside: Vec<f64> = world.audit_records()[before..]
-                    .iter()
-                    .filter_map(|rec| rec["latency_us"].as_f64())
-                    .collect();
-                let inside = if inside.is_empty() {
-                    "–".to_owned()
-                } else {
-                    format!(
-                        "{:.2} / {:.2}",
-                        percentile(&mut inside, 0.5) / 1000.0,
-                        percentile(&mut inside, 0.99) / 1000.0
-                    )
-                };
-                println!(
-                    "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {:+.2} | {inside} |",
-                    p.label,
+                ratios.push((
                     r.label,
-                    run.rps,
-                    run.p50_us / 1000.0,
-                    run.p99_us / 1000.0,
-                    run.errors,
-                    (run.p99_us - direct_p99) / 1000.0
+                    rows[2].rps / rows[1].rps.max(1.0),
+                    rows[2].rps / rows[0].rps.max(1.0),
+                ));
+            }
+            println!();
+            for (label, vs_proxy, vs_direct) in ratios {
+                println!(
+                    "**{label}: enforcer/nginx-proxy {vs_proxy:.2}, enforcer/direct {vs_direct:.2}**  "
                 );
             }
+            println!();
         }
-        println!();
+
+        // === fixed rate ===
+        let rate = FIXED_CLIENTS * FIXED_RPS_PER_CLIENT;
+        for (proto, extra) in [("HTTP/1.1", &["--h1"][..]), ("HTTP/2", &[][..])] {
+            println!(
+                "## {proto} at a fixed rate: {rate} requests/s ({FIXED_CLIENTS} connections × {FIXED_RPS_PER_CLIENT}/s, h2load --rps), {seconds} s\n"
+            );
+            println!(
+                "| path | request | requests/s | p50 ms | p99 ms | errors | added p99 over direct ms | inside the enforcer p50 / p99 ms |"
+            );
+            println!("|---|---|---|---|---|---|---|---|");
+            for r in &requests {
+                let mut direct_p99 = f64::NAN;
+                for (i, p) in paths.iter().enumerate() {
+                    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+                    args.extend([
+                        "-c".into(),
+                        FIXED_CLIENTS.to_string(),
+                        "-m".into(),
+                        "1".into(),
+                        format!("--rps={FIXED_RPS_PER_CLIENT}"),
+                        "-D".into(),
+                        seconds.to_string(),
+                    ]);
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let before = world.audit_records().len();
+                    let run = bench.h2load(p, r, &args, "fixed");
+                    if i == 0 {
+                        direct_p99 = run.p99_us;
+                    }
+                    // The enforcer's own measure of each request (head in → response head out,
+                    // upstream included), from its audit records: what the workload waits beyond it
+                    // is the network path and TLS.
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    let mut inside: Vec<f64> = world.audit_records()[before..]
+                        .iter()
+                        .filter_map(|rec| rec["latency_us"].as_f64())
+                        .collect();
+                    let inside = if inside.is_empty() {
+                        "–".to_owned()
+                    } else {
+                        format!(
+                            "{:.2} / {:.2}",
+                            percentile(&mut inside, 0.5) / 1000.0,
+                            percentile(&mut inside, 0.99) / 1000.0
+                        )
+                    };
+                    println!(
+                        "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {:+.2} | {inside} |",
+                        p.label,
+                        r.label,
+                        run.rps,
+                        run.p50_us / 1000.0,
+                        run.p99_us / 1000.0,
+                        run.errors,
+                        (run.p99_us - direct_p99) / 1000.0
+                    );
+                }
+            }
+            println!();
+        }
+
+        // === decision ===
+        println!(
+            "## Policy decision alone (regorus): aegis-agent policy bench policies/ --iterations {DECISIONS}\n"
+        );
+        let out = std::process::Command::new(world.agent_bin())
+            .args(["policy", "bench"])
+            .arg(workspace_root().join("policies"))
+            .args(["--iterations", &DECISIONS.to_string()])
+            .output()
+            .expect("run aegis-agent policy bench");
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(summary) if out.status.success() => println!("{summary}\n"),
+            _ => println!("`aegis-agent policy bench` failed: {}\n", describe(&out)),
+        }
     }
 
-    // === decision ===
-    println!(
-        "## Policy decision alone (regorus): aegis-agent policy bench policies/ --iterations {DECISIONS}\n"
+    // === budgets and rate limits ===
+    let (body, lua) = (
+        body.to_string_lossy().into_owned(),
+        lua.to_string_lossy().into_owned(),
     );
-    let out = std::process::Command::new(world.agent_bin())
-        .args(["policy", "bench"])
-        .arg(workspace_root().join("policies"))
-        .args(["--iterations", &DECISIONS.to_string()])
-        .output()
-        .expect("run aegis-agent policy bench");
-    let text = String::from_utf8_lossy(&out.stdout);
-    match text.lines().rev().find(|l| !l.trim().is_empty()) {
-        Some(summary) if out.status.success() => println!("{summary}\n"),
-        _ => println!("`aegis-agent policy bench` failed: {}\n", describe(&out)),
-    }
+    state_section(&mut world, &dir, seconds, (&body, &lua), &node);
 
     // === health ===
     let audit = world.audit_records().len();
@@ -369,6 +402,130 @@ fn main() {
     if !agent_up || panics > 0 {
         println!("\n```\n{}\n```", world.diagnostics());
     }
+}
+
+/// Enforcer throughput with budgets and rate limits on (embedded store, then Redis) against the
+/// same enforcer process with them off (identity `bench`), in one run: `bench-limited`'s every
+/// request is rate-limited and charged (one redb transaction, or two Redis scripts).
+fn state_section(world: &mut World, dir: &Path, seconds: u32, files: (&str, &str), node: &str) {
+    println!(
+        "## Budgets and rate limits on vs off (GET /bench; \"on\": every request rate-limited and charged)\n"
+    );
+    let rounds: usize = std::env::var("AEGIS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    println!(
+        "{rounds} alternating runs of each; medians (requests/s of every run in parentheses)\n"
+    );
+    println!(
+        "| state backend | tool | identity | requests/s | p50 ms | p99 ms | errors | CPU µs/request | on/off |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let req = Req {
+        label: "GET /bench",
+        path: "/bench",
+        post: false,
+    };
+    let routes = [
+        Route {
+            label: "off (bench)",
+            agent: AGENT,
+            host: UPSTREAM,
+            cpu: Some((node, "aegis-agent")),
+        },
+        Route {
+            label: "on (bench-limited)",
+            agent: LIMITED,
+            host: UPSTREAM,
+            cpu: Some((node, "aegis-agent")),
+        },
+    ];
+    let node_ca = world.node_ca().to_string_lossy().into_owned();
+    let url = format!("https://{UPSTREAM}/bench");
+    for backend in ["embedded", "redis"] {
+        if backend == "redis" {
+            let ns = node.to_owned();
+            world.spawn_service(
+                &ns,
+                "redis",
+                &[
+                    "redis-server",
+                    "--port",
+                    &REDIS_PORT.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+            );
+            world.kill_agent();
+            world.add_agent_arg("--state-backend=redis");
+            world.add_agent_arg(&format!("--redis-url=redis://127.0.0.1:{REDIS_PORT}/0"));
+            world.start_agent();
+        }
+        for agent in [AGENT, LIMITED] {
+            let up = aegis_tests::world::wait_until(std::time::Duration::from_secs(10), || {
+                let out = world.pod_exec(
+                    1,
+                    agent,
+                    &["curl", "-sS", "-m", "2", "--cacert", &node_ca, &url],
+                );
+                out.status.success() && String::from_utf8_lossy(&out.stdout) == r#"{"ok":true}"#
+            });
+            assert!(
+                up,
+                "{agent:?} not answering with {backend} state\n{}",
+                world.diagnostics()
+            );
+        }
+        let bench = Bench {
+            world,
+            dir,
+            seconds,
+            body: files.0.to_owned(),
+            lua: files.1.to_owned(),
+        };
+        for route in &routes {
+            bench.h2load(route, &req, &["-c", "4", "-m", "1", "-D", "2"], "warmup");
+        }
+        for tool in [Tool::Wrk, Tool::H2load] {
+            // Off and on alternate, `rounds` times each: the machine's noise hits both alike;
+            // medians are reported.
+            let mut runs: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..rounds {
+                for (i, route) in routes.iter().enumerate() {
+                    runs[i].push(bench.saturate(tool, route, &req));
+                }
+            }
+            let median = |runs: &[Run], f: &dyn Fn(&Run) -> f64| {
+                let mut v: Vec<f64> = runs.iter().map(f).collect();
+                percentile(&mut v, 0.5)
+            };
+            let name = match tool {
+                Tool::Wrk => "wrk HTTP/1.1",
+                Tool::H2load => "h2load HTTP/2",
+            };
+            let off_rps = median(&runs[0], &|r| r.rps);
+            for (route, runs) in routes.iter().zip(&runs) {
+                let rps = median(runs, &|r| r.rps);
+                let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.rps)).collect();
+                println!(
+                    "| {backend} | {name} | {} | {rps:.0} ({}) | {:.2} | {:.2} | {} | {:.0} | {:.2} |",
+                    route.label,
+                    all.join(", "),
+                    median(runs, &|r| r.p50_us) / 1000.0,
+                    median(runs, &|r| r.p99_us) / 1000.0,
+                    runs.iter().map(|r| r.errors).sum::<u64>(),
+                    median(runs, &|r| r.cpu_us_per_req.unwrap_or(f64::NAN)),
+                    rps / off_rps.max(1.0)
+                );
+            }
+        }
+    }
+    println!();
 }
 
 /// One way from the pod to the upstream.

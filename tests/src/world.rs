@@ -435,6 +435,11 @@ impl World {
         WorldBuilder::default()
     }
 
+    /// Appends an argument to `aegis-agent run` from the next [`World::start_agent`] on.
+    pub fn add_agent_arg(&mut self, arg: &str) {
+        self.agent_args.push(arg.to_string());
+    }
+
     /// This world's id, the prefix of all its names (e.g. `aeg04211`).
     pub fn id(&self) -> &str {
         &self.id

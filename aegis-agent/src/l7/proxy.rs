@@ -574,9 +574,10 @@ async fn decide_and_forward(
     if priced.amount > 0 && !priced.periods.is_empty() {
         let amount = priced.amount;
         let (store, to_charge) = (shared.state.budgets.clone(), priced.periods.clone());
-        let result = tokio::task::spawn_blocking(move || store.charge(&to_charge, amount))
-            .await
-            .unwrap_or_else(|e| Err(BudgetError::Store(e.to_string())));
+        let result = shared
+            .state
+            .run(move || store.charge(&to_charge, amount))
+            .await;
         match result {
             Ok(()) => charged = Some((priced.periods.clone(), amount)),
             Err(e @ BudgetError::Exceeded { .. }) if mode == Mode::Shadow => {
@@ -600,10 +601,7 @@ async fn decide_and_forward(
                         let (store, to_charge) =
                             (shared.state.budgets.clone(), priced.periods.clone());
                         let delta = i64::try_from(amount).unwrap_or(i64::MAX);
-                        let forced =
-                            tokio::task::spawn_blocking(move || store.add(&to_charge, delta))
-                                .await
-                                .unwrap_or_else(|e| Err(BudgetError::Store(e.to_string())));
+                        let forced = shared.state.run(move || store.add(&to_charge, delta)).await;
                         if let Err(e) = forced {
                             if let Some(refusal) = state_unavailable(
                                 shared,
@@ -665,9 +663,11 @@ async fn decide_and_forward(
         Err(refusal) => {
             if let Some((periods, amount)) = charged {
                 let store = shared.state.budgets.clone();
-                let refunded =
-                    tokio::task::spawn_blocking(move || store.refund(&periods, amount)).await;
-                if !matches!(refunded, Ok(Ok(()))) {
+                let refunded = shared
+                    .state
+                    .run(move || store.refund(&periods, amount))
+                    .await;
+                if refunded.is_err() {
                     tracing::error!(target: "aegis::l7", identity = %conn.identity, amount_micro_usd = amount, "budget refund failed after an upstream failure");
                 }
             }
@@ -762,7 +762,7 @@ fn meter(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     );
-    let store = shared.state.budgets.clone();
+    let (store, remote) = (shared.state.budgets.clone(), shared.state.remote);
     let audit = shared.audit.clone();
     let mut settled = UsageRecord {
         kind: "llm_usage",
@@ -790,8 +790,8 @@ fn meter(
                     }
                 };
                 match tokio::runtime::Handle::try_current() {
-                    Ok(handle) => drop(handle.spawn_blocking(write)),
-                    Err(_) => write(),
+                    Ok(handle) if remote => drop(handle.spawn_blocking(write)),
+                    _ => write(),
                 }
             }
         } else {
