@@ -36,7 +36,7 @@ use crate::{
     dns::{self, DnsProxy},
     ebpf::{self, AsyncEventReader, Datapath, Links},
     egress::{self, Enforcer},
-    identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile},
+    identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile, kube::KubePods},
     killswitch::{KillSwitch, Target},
     l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
     policy::{L7Engine, PolicySet},
@@ -50,6 +50,8 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 const RESYNC_TICKS: u32 = 10;
 /// An exec cgroup younger than this is never collected (its process may not be in it yet).
 const EXEC_GRACE: Duration = Duration::from_secs(5);
+/// How long start-up waits for the first pod list from the API server (`--kubernetes`).
+const KUBE_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The DNS proxy runs on a runtime of its own, one thread: an answer then never waits for a
 /// wake-up on another core (which measured as the difference between matching a no-cache
@@ -139,6 +141,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         Arc::new(RedbStore::open(&args.state_db)?),
     );
+    let (kube, mut kube_changes) = match kube_pods(&args, &cgroup2).await? {
+        Some((source, changes)) => (Some(source), Some(changes)),
+        None => (None, None),
+    };
     let node = Arc::new(Node {
         l7,
         decider,
@@ -159,12 +165,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             .identities
             .clone()
             .map(|p| StaticFile::new(p, cgroup2.clone())),
+        kube,
+        stale_dropped: AtomicBool::new(false),
         ready: AtomicBool::new(false),
         kill,
     });
     cgroup::create(node.exec.dir())?;
-    node.sync_identities();
-    node.drop_stale();
+    node.sync();
 
     let control = control::bind(&args.control_socket)
         .with_context(|| format!("binding {}", args.control_socket.display()))?;
@@ -193,10 +200,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!(target: "aegis::agent", "SIGHUP: reloading policies and identities");
                 blocking(&node, |node| {
                     node.reload_policies();
-                    node.sync_identities();
+                    node.sync();
                 })
                 .await;
             }
+            Some(()) = next_change(&mut kube_changes) => blocking(&node, Node::sync).await,
             Some(()) = reload_rx.recv() => {
                 // Editors write in several steps: let the directory settle.
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -268,6 +276,40 @@ fn resolv_conf_upstream(path: &Path) -> Option<SocketAddr> {
     })
 }
 
+/// The pod identity source (`--kubernetes`) and its change signal, after waiting (at most
+/// [`KUBE_LIST_TIMEOUT`]) for the first pod list; `None` without `--kubernetes`.
+async fn kube_pods(
+    args: &RunArgs,
+    cgroup2: &Path,
+) -> anyhow::Result<Option<(KubePods, mpsc::Receiver<()>)>> {
+    if !args.kubernetes {
+        return Ok(None);
+    }
+    let node = args
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .context("--kubernetes needs the node's name: --node-name or NODE_NAME (downward API `spec.nodeName`)")?;
+    let client = crate::identity::kube::client(args.kubeconfig.as_deref()).await?;
+    let root = args
+        .kube_cgroup_root
+        .strip_prefix("/")
+        .unwrap_or(&args.kube_cgroup_root);
+    let (source, changes) = KubePods::start(client, node.clone(), cgroup2.join(root));
+    if !source.wait_listed(KUBE_LIST_TIMEOUT).await {
+        tracing::error!(target: "aegis::identity", source = "kubernetes", node = %node, "no pod list from the API server after {}s; starting without pod identities (the pinned state of an earlier agent stays), they follow when it answers", KUBE_LIST_TIMEOUT.as_secs());
+    }
+    Ok(Some((source, changes)))
+}
+
+/// The next change signal of an optional source; never ready without one.
+async fn next_change(changes: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sends a reload request whenever a file in the policy directory changes.
 fn watch_policies(dir: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -295,6 +337,9 @@ struct Node {
     audit: AuditLog,
     exec: ExecCgroups,
     static_file: Option<StaticFile>,
+    kube: Option<KubePods>,
+    /// [`Node::drop_stale`] has run (after the first read of every source).
+    stale_dropped: AtomicBool,
     ready: AtomicBool,
     kill: Arc<KillSwitch>,
 }
@@ -346,10 +391,13 @@ impl Node {
     }
 
     /// Registers every cgroup the sources report and unregisters those they no longer do. A
-    /// source that cannot be read keeps its cgroups as they were.
-    fn sync_identities(&self) {
+    /// source that cannot be read keeps its cgroups as they were. Whether every source was read.
+    fn sync_identities(&self) -> bool {
         let mut sources: Vec<&dyn IdentitySource> = vec![&self.exec];
         if let Some(s) = &self.static_file {
+            sources.push(s);
+        }
+        if let Some(s) = &self.kube {
             sources.push(s);
         }
         let mut wanted = HashSet::new();
@@ -375,7 +423,7 @@ impl Node {
             }
         }
         if failed_sources {
-            return;
+            return false;
         }
         let gone: Vec<u64> = self
             .enforcer()
@@ -388,6 +436,16 @@ impl Node {
             if let Err(e) = self.unregister(id) {
                 tracing::warn!(target: "aegis::identity", cgroup_id = id, error = %e, "cannot unregister cgroup");
             }
+        }
+        true
+    }
+
+    /// [`Node::sync_identities`], then, the first time every source could be read,
+    /// [`Node::drop_stale`]: an unreachable API server must not take enforcement away from
+    /// the pods an earlier agent registered.
+    fn sync(&self) {
+        if self.sync_identities() && !self.stale_dropped.swap(true, Ordering::SeqCst) {
+            self.drop_stale();
         }
     }
 
@@ -593,7 +651,7 @@ async fn housekeeping(node: Arc<Node>) {
             }
             node.collect_exec_cgroups();
             if resync {
-                node.sync_identities();
+                node.sync();
             }
         })
         .await;

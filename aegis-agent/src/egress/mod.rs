@@ -220,7 +220,7 @@ impl Enforcer {
             ),
         )?;
         let level = cgroup::level(&self.settings.cgroup2, &cg.path);
-        self.cgroups.insert(
+        let previous = self.cgroups.insert(
             cgroup_id,
             Registered {
                 path: cg.path.clone(),
@@ -229,6 +229,10 @@ impl Enforcer {
                 since: Instant::now(),
             },
         );
+        // A cgroup moving to another identity (a relabelled pod) may leave the old one unused.
+        if let Some(previous) = previous {
+            self.forget_if_unused(&previous.identity)?;
+        }
         self.update_levels()?;
         if first_of_identity {
             self.sync_cidrs(&cg.identity, policy.map(AsRef::as_ref))?;
@@ -252,14 +256,19 @@ impl Enforcer {
             return Ok(());
         };
         self.datapath.remove_identity(cgroup_id)?;
-        if !self.cgroups.values().any(|r| r.identity == reg.identity) {
-            let id = reg.identity.id();
-            let changes = self.learned.remove_identity(id);
-            self.apply_learned(changes)?;
-            self.sync_cidrs(&reg.identity, None)?;
-        }
+        self.forget_if_unused(&reg.identity)?;
         self.update_levels()?;
         tracing::info!(target: "aegis::identity", cgroup = %reg.path.display(), cgroup_id, identity = %reg.identity, "identity cgroup unregistered");
+        Ok(())
+    }
+
+    /// Forgets the learned addresses and CIDRs of an identity no registered cgroup carries.
+    fn forget_if_unused(&mut self, identity: &Identity) -> Result<(), EnforcerError> {
+        if !self.cgroups.values().any(|r| r.identity == *identity) {
+            let changes = self.learned.remove_identity(identity.id());
+            self.apply_learned(changes)?;
+            self.sync_cidrs(identity, None)?;
+        }
         Ok(())
     }
 
