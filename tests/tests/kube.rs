@@ -362,3 +362,90 @@ fn pod_labels_put_pods_under_their_identity_and_changes_apply_within_a_second() 
     fresh.assert_enforced(&w, "other.test", "other");
     plain.assert_untouched(&w);
 }
+
+/// The cgroupfs driver with CRI-O, found on disk without configuration; a pod the API server
+/// announces before kubelet has made its cgroup is put under its identity once the cgroup
+/// appears.
+#[test]
+fn cgroupfs_layout_is_discovered_and_a_late_cgroup_is_picked_up() {
+    let mut w = world(|b| b.policy("web-agent", &policy("web-agent", "allowed.test", 1)));
+    let mut api = KubeEmulator::start(&w);
+    // kubelet is there (its root cgroup exists), the pod is not yet.
+    w.create_cgroup("kubelet/kubepods/besteffort");
+    start_agent_with(&mut w, &api);
+
+    let uid = "5a2d9b6f-0c7e-4d1f-8a3b-6c7d8e9fa0b1";
+    let id = container_id(6);
+    api.create_pod(pod(
+        "team",
+        "late",
+        uid,
+        NODE,
+        &[(AGENT, "web-agent"), (TENANT, "acme")],
+        "Guaranteed",
+        &format!("cri-o://{id}"),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let since = Instant::now();
+    let cgroup = w.create_cgroup(&format!("kubelet/kubepods/pod{uid}/crio-{id}"));
+    let mut late = Workload::spawn(&w, "late", 1, &cgroup);
+    promptly(
+        &w,
+        "a pod whose cgroup appeared late enforced",
+        since,
+        || late.op("resolve evil.test")["ok"] == false,
+    );
+    late.assert_enforced(&w, "allowed.test", "allowed");
+}
+
+/// Policies in a directory kubelet manages for a ConfigMap volume: loaded through the `..data`
+/// symlinks at start, reloaded when kubelet swaps `..data` to a new version (no signal), and
+/// kubelet's own `..` entries never read as policies.
+#[test]
+fn configmap_policy_updates_are_picked_up_on_the_data_swap() {
+    let mut w = world(|b| b);
+    w.write_configmap_policies(&[("web-agent.yaml", &policy("web-agent", "allowed.test", 1))]);
+    w.start_agent();
+    let web = Some(("web-agent", Some("acme")));
+    let reaches = |w: &World, name: &str| {
+        let out = w.pod_exec(
+            1,
+            web,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://{name}/"),
+            ],
+        );
+        out.status.success()
+    };
+    assert!(reaches(&w, "allowed.test"), "{}", w.diagnostics());
+    assert!(!reaches(&w, "other.test"), "{}", w.diagnostics());
+
+    // kubelet's update: new ..<timestamp> dir, ..data swapped, a key added, the old dir gone.
+    w.write_configmap_policies(&[
+        ("web-agent.yaml", &policy("web-agent", "other.test", 2)),
+        ("other-agent.yaml", &policy("other-agent", "evil.test", 1)),
+    ]);
+    let reloaded = wait_until(Duration::from_secs(10), || {
+        w.agent_log().contains("policies reloaded") && reaches(&w, "other.test")
+    });
+    assert!(reloaded, "the swap was not picked up\n{}", w.diagnostics());
+    assert!(
+        !reaches(&w, "allowed.test"),
+        "version 2 no longer lists allowed.test"
+    );
+    let versions = w
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("policies reloaded"))
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        versions.contains("web-agent=2") && versions.contains("other-agent=1"),
+        "both keys loaded once each, nothing from the .. entries: {versions}"
+    );
+}

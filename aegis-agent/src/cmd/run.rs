@@ -358,6 +358,8 @@ impl Node {
         if self.enforcer().is_registered(cgroup_id, &cg.identity) {
             return Ok(cgroup_id);
         }
+        // Registered under another identity (a relabelled pod): the links are ours already.
+        let relabelled = self.enforcer().cgroups().contains_key(&cgroup_id);
         let port = self.enforcer().port_for(&cg.identity)?;
         self.dns
             .serve_identity(&cg.identity, port)
@@ -372,7 +374,7 @@ impl Node {
         }
         let adopted = self.links().attach(&cg.path, cgroup_id)?;
         self.enforcer().register(cg, &self.policies.load())?;
-        if adopted {
+        if adopted && !relabelled {
             tracing::info!(target: "aegis::identity", cgroup_id, "adopted the pinned links of an earlier agent");
         }
         Ok(cgroup_id)

@@ -50,7 +50,7 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{DEFAULT_TENANT, Identity, IdentityCgroup, IdentityError, IdentitySource};
 
@@ -117,12 +117,20 @@ pub struct KubePods {
 }
 
 /// State the watcher task and the source share.
-#[derive(Default)]
 struct Shared {
-    /// A complete list has arrived at least once.
-    listed: AtomicBool,
+    /// A complete list has arrived at least once (and is in the store).
+    listed: watch::Sender<bool>,
     /// The last read left out an agent pod whose cgroup does not exist yet.
     unresolved: AtomicBool,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            listed: watch::Sender::new(false),
+            unresolved: AtomicBool::new(false),
+        }
+    }
 }
 
 impl KubePods {
@@ -159,7 +167,8 @@ impl KubePods {
 
     /// Waits until the first complete pod list has arrived, at most `timeout`; whether it has.
     pub async fn wait_listed(&self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.store.wait_until_ready())
+        let mut listed = self.shared.listed.subscribe();
+        tokio::time::timeout(timeout, listed.wait_for(|l| *l))
             .await
             .is_ok_and(|r| r.is_ok())
     }
@@ -178,7 +187,7 @@ impl IdentitySource for KubePods {
     }
 
     fn cgroups(&self) -> Result<Vec<IdentityCgroup>, IdentityError> {
-        if !self.shared.listed.load(Ordering::SeqCst) {
+        if !*self.shared.listed.borrow() {
             return Err(IdentityError::Unavailable {
                 what: "kubernetes",
                 message: "no complete pod list from the API server yet".into(),
@@ -262,12 +271,15 @@ async fn watch(
     node: String,
 ) {
     let mut failing = false;
+    let mut retry = tokio::time::interval(UNRESOLVED_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let retry = shared.unresolved.load(Ordering::SeqCst);
         let event = tokio::select! {
             event = events.next() => event,
-            () = tokio::time::sleep(UNRESOLVED_RETRY), if retry => {
-                let _ = tx.try_send(());
+            _ = retry.tick() => {
+                if shared.unresolved.load(Ordering::SeqCst) {
+                    let _ = tx.try_send(());
+                }
                 continue;
             }
         };
@@ -289,7 +301,7 @@ async fn watch(
                 }
                 match event {
                     watcher::Event::InitDone => {
-                        if !shared.listed.swap(true, Ordering::SeqCst) {
+                        if !shared.listed.send_replace(true) {
                             tracing::info!(target: "aegis::identity", source = "kubernetes", node = %node, "pod list received; watching");
                         }
                         true
@@ -802,7 +814,7 @@ mod tests {
             writer.apply_watcher_event(&watcher::Event::InitApply(p.clone()));
         }
         writer.apply_watcher_event(&watcher::Event::InitDone);
-        shared.listed.store(true, Ordering::SeqCst);
+        shared.listed.send_replace(true);
 
         // No kubepods cgroup yet (kubelet not started): nothing, and a retry is wanted.
         assert_eq!(source.cgroups().unwrap(), vec![]);
