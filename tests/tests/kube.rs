@@ -440,8 +440,7 @@ fn configmap_policy_updates_are_picked_up_on_the_data_swap() {
     let versions = w
         .agent_log()
         .lines()
-        .filter(|l| l.contains("policies reloaded"))
-        .last()
+        .rfind(|l| l.contains("policies reloaded"))
         .unwrap_or_default()
         .to_string();
     assert!(
