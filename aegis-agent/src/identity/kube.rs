@@ -58,6 +58,9 @@ use super::{DEFAULT_TENANT, Identity, IdentityCgroup, IdentityError, IdentitySou
 pub const AGENT_LABEL: &str = "aegis.dev/agent";
 /// Pod label naming the tenant (optional: [`DEFAULT_TENANT`] when absent).
 pub const TENANT_LABEL: &str = "aegis.dev/tenant";
+/// Annotation of a static pod's mirror on the API server: the UID kubelet runs the pod under
+/// (and names its cgroup after), which differs from the mirror's own `metadata.uid`.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// How often a watched agent pod whose cgroup does not exist yet is looked for again.
 pub const UNRESOLVED_RETRY: Duration = Duration::from_millis(250);
 
@@ -213,7 +216,7 @@ impl IdentitySource for KubePods {
                     continue;
                 }
             };
-            let uid = match pod.uid() {
+            let uid = match kubelet_uid(pod) {
                 Some(uid) if valid_uid(&uid) => uid,
                 other => {
                     self.warn_once(pod, format!("pod uid {other:?} is not a UUID"));
@@ -317,10 +320,18 @@ async fn watch(
     }
 }
 
+/// The UID kubelet knows the pod by: a static pod's from [`MIRROR_ANNOTATION`], else its own.
+fn kubelet_uid(pod: &Pod) -> Option<String> {
+    pod.annotations()
+        .get(MIRROR_ANNOTATION)
+        .cloned()
+        .or_else(|| pod.uid())
+}
+
 /// Drops what the source never reads, to keep the store small.
 fn slim(pod: &mut Pod) {
     pod.managed_fields_mut().clear();
-    pod.annotations_mut().clear();
+    pod.annotations_mut().retain(|k, _| k == MIRROR_ANNOTATION);
     if let Some(spec) = pod.spec.take() {
         pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
             node_name: spec.node_name,
@@ -872,6 +883,27 @@ mod tests {
             CgroupDriver::discover(root.path()),
             Some(CgroupDriver::Systemd)
         );
+    }
+
+    #[test]
+    fn static_pods_are_found_by_their_kubelet_uid() {
+        let mut p = pod(&[(AGENT_LABEL, "a")], "Guaranteed", "n");
+        assert_eq!(kubelet_uid(&p).as_deref(), Some(UID));
+        let hash = "6b1ae3a7a5b0d32e4c6f3c9a9b7e5d21";
+        p.metadata.annotations = Some(
+            [
+                (MIRROR_ANNOTATION.to_string(), hash.to_string()),
+                ("other".to_string(), "x".to_string()),
+            ]
+            .into(),
+        );
+        slim(&mut p);
+        assert_eq!(
+            p.annotations().len(),
+            1,
+            "only the mirror annotation is kept"
+        );
+        assert_eq!(kubelet_uid(&p).as_deref(), Some(hash));
     }
 
     #[test]
