@@ -448,3 +448,66 @@ fn configmap_policy_updates_are_picked_up_on_the_data_swap() {
         "both keys loaded once each, nothing from the .. entries: {versions}"
     );
 }
+
+/// An agent restarting while the API server is down keeps the pod identities the previous one
+/// pinned (it cannot tell a deleted pod from an unknown one): closed, as while no agent runs
+/// (learned addresses stay allowed, others denied, names unanswered), and catches up once the
+/// API server answers.
+#[test]
+fn restart_with_the_api_server_down_keeps_pinned_pod_enforcement() {
+    let mut w = world(|b| b.policy("web-agent", &policy("web-agent", "allowed.test", 1)));
+    let mut api = KubeEmulator::start(&w);
+    let uid = "6b3e0c7a-1d8f-4e2a-9b4c-7d8e9fa0b1c2";
+    let id = container_id(7);
+    let web = pod(
+        "team",
+        "web",
+        uid,
+        NODE,
+        &[(AGENT, "web-agent"), (TENANT, "acme")],
+        "Burstable",
+        &format!("containerd://{id}"),
+    );
+    let cgroup = w.create_cgroup(&systemd_containerd_cgroup(Some("burstable"), uid, &id));
+    api.create_pod(web.clone());
+    let mut workload = Workload::spawn(&w, "web", 1, &cgroup);
+    start_agent_with(&mut w, &api);
+    workload.assert_enforced(&w, "allowed.test", "allowed");
+
+    w.kill_agent();
+    api.stop();
+    w.start_agent();
+    assert!(
+        w.agent_log()
+            .contains("no pod list from the API server after"),
+        "the missing list is reported\n{}",
+        tail(&w.agent_log(), 30)
+    );
+    let r = workload.op(&format!("get {} 80", v4(10)));
+    assert_eq!(
+        r["body"], "hello from allowed\n",
+        "the learned address stays allowed: {r}"
+    );
+    let r = workload.op(&format!("get {} 80", v4(20)));
+    assert!(
+        r["ok"] == false && r["errno"] == 1,
+        "unlisted addresses stay denied: {r}\n{}",
+        w.diagnostics()
+    );
+    let r = workload.op("resolve evil.test");
+    assert_eq!(r["ok"], false, "no name resolves around the agent: {r}");
+
+    // The API server is back (same address, the pod still there): the agent catches up.
+    let mut api = KubeEmulator::start(&w);
+    api.create_pod(web);
+    let listed = wait_until(Duration::from_secs(60), || {
+        w.agent_log().matches("pod list received").count() == 2
+    });
+    assert!(
+        listed,
+        "no list after the API server came back\n{}",
+        tail(&w.agent_log(), 30)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    workload.assert_enforced(&w, "allowed.test", "allowed");
+}

@@ -81,6 +81,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let l7_engine =
         L7Engine::build(&policies).map_err(|e| anyhow!("policies rejected, not starting:\n{e}"))?;
+    // Before the kernel is touched: a bad Kubernetes configuration stops start-up here.
+    let (kube, mut kube_changes) = match kube_pods(&args, &cgroup2).await? {
+        Some((source, changes)) => (Some(source), Some(changes)),
+        None => (None, None),
+    };
     let ca = NodeCa::load_or_create(&args.ca_cert, &args.ca_key)?;
     let audit = AuditLog::open(&args.audit_log, AuditKey::load_or_create(&args.audit_key)?)?;
     let upstream_roots = upstream_roots(args.upstream_ca.as_deref())?;
@@ -141,10 +146,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         Arc::new(RedbStore::open(&args.state_db)?),
     );
-    let (kube, mut kube_changes) = match kube_pods(&args, &cgroup2).await? {
-        Some((source, changes)) => (Some(source), Some(changes)),
-        None => (None, None),
-    };
     let node = Arc::new(Node {
         l7,
         decider,
@@ -448,6 +449,9 @@ impl Node {
     fn sync(&self) {
         if self.sync_identities() && !self.stale_dropped.swap(true, Ordering::SeqCst) {
             self.drop_stale();
+            if let Err(e) = self.enforcer().forget_adopted_levels() {
+                tracing::warn!(target: "aegis::identity", error = %e, "cannot update the node configuration");
+            }
         }
     }
 

@@ -67,17 +67,17 @@ pub const UNRESOLVED_RETRY: Duration = Duration::from_millis(250);
 /// Errors building the API client, naming the kubeconfig at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
-    #[error("kubeconfig {path}: {source}")]
+    #[error("kubeconfig {path}")]
     Kubeconfig {
         path: PathBuf,
         #[source]
         source: kube::config::KubeconfigError,
     },
     #[error(
-        "no Kubernetes client configuration (no --kubeconfig, KUBECONFIG or ~/.kube/config, and not in a pod): {0}"
+        "no Kubernetes client configuration (no --kubeconfig, KUBECONFIG or ~/.kube/config, and not in a pod)"
     )]
     Infer(#[source] kube::config::InferConfigError),
-    #[error("building the Kubernetes client: {0}")]
+    #[error("building the Kubernetes client")]
     Client(#[source] kube::Error),
 }
 
@@ -153,10 +153,13 @@ impl KubePods {
         let shared = Arc::new(Shared::default());
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let events = watcher(Api::<Pod>::all(client), config)
-            .default_backoff()
             // Only labels, uid, node name, QoS class and container ids are read: drop the rest.
             .modify(slim)
-            .reflect(writer);
+            .reflect(writer)
+            // `Init` opens every list attempt, failed ones too; let through, it would reset the
+            // backoff each time and retry a down API server every 0.8 s from every node.
+            .filter(|e| std::future::ready(!matches!(e, Ok(watcher::Event::Init))))
+            .backoff(watcher::DefaultBackoff::default());
         tokio::spawn(watch(events.boxed(), shared.clone(), tx, node.clone()));
         let source = KubePods {
             store,
