@@ -167,6 +167,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .map(|p| StaticFile::new(p, cgroup2.clone())),
         kube,
+        sync_lock: Mutex::new(()),
         stale_dropped: AtomicBool::new(false),
         ready: AtomicBool::new(false),
         kill,
@@ -339,6 +340,10 @@ struct Node {
     exec: ExecCgroups,
     static_file: Option<StaticFile>,
     kube: Option<KubePods>,
+    /// Held while the set of registered cgroups is reconciled or an exec cgroup is placed:
+    /// a sync working from an older read of the sources must not unregister what another
+    /// registered meanwhile (pod events, the periodic resync and `exec` run concurrently).
+    sync_lock: Mutex<()>,
     /// [`Node::drop_stale`] has run (after the first read of every source).
     stale_dropped: AtomicBool,
     ready: AtomicBool,
@@ -447,6 +452,7 @@ impl Node {
     /// [`Node::drop_stale`]: an unreachable API server must not take enforcement away from
     /// the pods an earlier agent registered.
     fn sync(&self) {
+        let _reconciling = self.sync_lock.lock().expect("sync lock poisoned");
         if self.sync_identities() && !self.stale_dropped.swap(true, Ordering::SeqCst) {
             self.drop_stale();
             if let Err(e) = self.enforcer().forget_adopted_levels() {
@@ -534,6 +540,7 @@ impl Handler for Node {
     fn exec(&self, pid: u32, agent: &str, tenant: Option<&str>) -> Result<Reply, String> {
         let identity = Identity::new(agent, tenant)?;
         let path = self.exec.path_for(&identity, pid);
+        let _placing = self.sync_lock.lock().expect("sync lock poisoned");
         cgroup::create(&path).map_err(|e| e.to_string())?;
         let cg = IdentityCgroup {
             path: path.clone(),
