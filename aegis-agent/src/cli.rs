@@ -153,6 +153,23 @@ pub struct RunArgs {
     /// Static identity file mapping cgroup paths to identities.
     #[arg(long)]
     pub identities: Option<PathBuf>,
+    /// Take identities from this node's pods on the Kubernetes API server: a pod labelled
+    /// `aegis.dev/agent` (and optionally `aegis.dev/tenant`) is put under that identity
+    /// (docs/kubernetes.md, "Pod identities").
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// This node's name on the API server (pods with this `spec.nodeName` are watched); in a
+    /// DaemonSet, `NODE_NAME` from the downward API. Required with `--kubernetes`.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// kubeconfig file for the API server (default: `KUBECONFIG`, `~/.kube/config`, then the
+    /// pod's service account).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubelet's cgroup root, relative to the cgroup2 mount (kubelet's `cgroupRoot`); the
+    /// systemd (`kubepods.slice`) or cgroupfs (`kubepods`) layout is discovered below it.
+    #[arg(long, default_value = "/")]
+    pub kube_cgroup_root: PathBuf,
     /// IPv4 address agent workloads' DNS is steered to; the proxy listens there. From a pod's
     /// network namespace it must be an address of the node the pod can reach.
     #[arg(long, default_value = "127.0.0.1")]

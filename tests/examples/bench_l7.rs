@@ -462,8 +462,10 @@ fn state_section(world: &mut World, dir: &Path, seconds: u32, files: (&str, &str
                 ],
             );
             world.kill_agent();
-            world.add_agent_arg("--state-backend=redis");
-            world.add_agent_arg(&format!("--redis-url=redis://127.0.0.1:{REDIS_PORT}/0"));
+            world.add_agent_args(&[
+                "--state-backend=redis".to_owned(),
+                format!("--redis-url=redis://127.0.0.1:{REDIS_PORT}/0"),
+            ]);
             world.start_agent();
         }
         for agent in [AGENT, LIMITED] {

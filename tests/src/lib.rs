@@ -2,8 +2,10 @@
 //!
 //! [`world`] builds a disposable "small world" of network namespaces (a node running the agent,
 //! an "internet" with DNS and HTTP servers, and pods running workloads) and tears it down in
-//! `Drop`. Everything here needs root, real cgroups and network namespaces; nothing is skipped
+//! `Drop`; [`kube`] runs a Kubernetes API emulator in a world for the pod identity tests.
+//! Everything here needs root, real cgroups and network namespaces; nothing is skipped
 //! silently when a prerequisite is missing.
 
+pub mod kube;
 pub mod report;
 pub mod world;

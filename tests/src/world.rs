@@ -350,6 +350,7 @@ impl WorldBuilder {
             agent: None,
             agent_ever_started: false,
             state_file,
+            cgroups: Vec::new(),
         };
         fs::create_dir_all(world.policy_dir()).map_err(|e| err(format!("policy dir: {e}")))?;
         for (name, yaml) in &self.policies {
@@ -427,17 +428,14 @@ pub struct World {
     agent: Option<Child>,
     agent_ever_started: bool,
     state_file: PathBuf,
+    /// cgroups made by [`World::create_cgroup`], removed (processes killed) on drop.
+    cgroups: Vec<PathBuf>,
 }
 
 impl World {
     /// Starts describing a world with the defaults of [`WorldBuilder`].
     pub fn builder() -> WorldBuilder {
         WorldBuilder::default()
-    }
-
-    /// Appends an argument to `aegis-agent run` from the next [`World::start_agent`] on.
-    pub fn add_agent_arg(&mut self, arg: &str) {
-        self.agent_args.push(arg.to_string());
     }
 
     /// This world's id, the prefix of all its names (e.g. `aeg04211`).
@@ -613,6 +611,13 @@ impl World {
         }
     }
 
+    /// Appends arguments to `aegis-agent run` for the next start (for values known only once
+    /// the world exists, such as paths in [`World::dir`]).
+    pub fn add_agent_args<S: AsRef<str>>(&mut self, args: &[S]) {
+        self.agent_args
+            .extend(args.iter().map(|a| a.as_ref().to_string()));
+    }
+
     /// Whether the agent process started by this world is still running.
     pub fn agent_running(&mut self) -> bool {
         match self.agent.as_mut() {
@@ -642,6 +647,55 @@ impl World {
         // SAFETY: kill(2) with a pid we spawned and still hold (not yet reaped).
         let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
         assert_eq!(rc, 0, "kill(SIGHUP): {}", std::io::Error::last_os_error());
+    }
+
+    /// Replaces the whole policy dir's content with `files` (name, YAML) the way kubelet updates
+    /// a mounted ConfigMap (its `AtomicWriter`): the files go into a new `..<timestamp>`
+    /// directory, a `..data_tmp` symlink to it is renamed over `..data`, each name is a symlink
+    /// to `..data/<name>` (created when new, removed when gone), and the old directory is
+    /// deleted. Plain files in the dir are left alone.
+    ///
+    /// # Panics
+    /// On I/O errors.
+    pub fn write_configmap_policies(&self, files: &[(&str, &str)]) {
+        use std::os::unix::fs::symlink;
+        let dir = self.policy_dir();
+        let data = dir.join("..data");
+        let old = fs::read_link(&data).ok();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970");
+        let fresh = format!("..{}.{:09}", stamp.as_secs(), stamp.subsec_nanos());
+        let io = |what: &str, path: &Path, e: std::io::Error| {
+            panic!("configmap {what} {}: {e}", path.display())
+        };
+        fs::create_dir(dir.join(&fresh)).unwrap_or_else(|e| io("mkdir", &dir.join(&fresh), e));
+        for (name, yaml) in files {
+            let path = dir.join(&fresh).join(name);
+            fs::write(&path, yaml).unwrap_or_else(|e| io("write", &path, e));
+        }
+        let tmp = dir.join("..data_tmp");
+        symlink(&fresh, &tmp).unwrap_or_else(|e| io("symlink", &tmp, e));
+        fs::rename(&tmp, &data).unwrap_or_else(|e| io("rename", &data, e));
+        for (name, _) in files {
+            let link = dir.join(name);
+            if fs::symlink_metadata(&link).is_err() {
+                symlink(Path::new("..data").join(name), &link)
+                    .unwrap_or_else(|e| io("symlink", &link, e));
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let is_link = e.file_type().is_ok_and(|t| t.is_symlink());
+                if is_link && !name.starts_with("..") && !files.iter().any(|(n, _)| *n == name) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        if let Some(old) = old {
+            let _ = fs::remove_dir_all(dir.join(old));
+        }
     }
 
     /// Writes policy file `name` (`.yaml` appended unless it ends in `.yaml`/`.yml`) into the
@@ -855,6 +909,52 @@ impl World {
             .args(argv)
             .stdin(Stdio::null());
         run_with_timeout(&mut cmd, EXEC_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates cgroup `rel` (with its parents) below this world's cgroup root
+    /// ([`World::cgroup_root`]), e.g. a kubelet layout under `kubelet/`; it is removed, with
+    /// any process in it, when the world drops. Returns its absolute path.
+    ///
+    /// # Panics
+    /// Without a cgroup2 mount, or if the directory cannot be made.
+    pub fn create_cgroup(&mut self, rel: &str) -> PathBuf {
+        let mount = cgroup2_mount().expect("a cgroup2 mount");
+        let root = mount.join(self.cgroup_root());
+        let path = root.join(rel);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        // Record the topmost new directory below the root once; its removal takes the rest.
+        let top = root.join(
+            Path::new(rel)
+                .components()
+                .next()
+                .expect("non-empty cgroup path"),
+        );
+        if !self.cgroups.contains(&top) {
+            self.cgroups.push(top);
+        }
+        path
+    }
+
+    /// Spawns `argv` in pod `k`'s namespace as a process of `cgroup` (an absolute path; the
+    /// process moves itself there before `exec`, as a container runtime places a container's
+    /// first process), with stdin, stdout and stderr piped. Anything still running is killed
+    /// when the world drops.
+    ///
+    /// # Panics
+    /// If the command cannot be spawned.
+    pub fn spawn_in_cgroup<S: AsRef<OsStr>>(&self, k: usize, cgroup: &Path, argv: &[S]) -> Child {
+        // The move happens before `ip netns exec`, whose fresh /sys hides the cgroup2 mount.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+            .arg(cgroup)
+            .args(["ip", "netns", "exec"])
+            .arg(self.pod_ns(k))
+            .args(argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", cmdline(&cmd)))
     }
 
     /// Runs `aegis-agent` with `args` (in the root namespace) and returns its output.
@@ -1476,7 +1576,11 @@ impl Drop for World {
                 eprintln!("aegis-tests: reaping {name}: {e}");
             }
         }
-        // 2. Pins and exec cgroups (uninstall), namespaces, /etc/netns, socket, owner file.
+        // 2. cgroups the test made, with what is left in them.
+        for cg in self.cgroups.iter().rev() {
+            remove_cgroup_tree(cg);
+        }
+        // 3. Pins and exec cgroups (uninstall), namespaces, /etc/netns, socket, owner file.
         remove_world(&self.id, &self.agent_bin, self.agent_ever_started);
         for d in &self.etc_netns {
             if d.exists()

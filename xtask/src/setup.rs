@@ -39,6 +39,12 @@ const TOOLS: &[(&str, &str)] = &[
     ("redis-cli", "redis-tools"),
 ];
 
+/// The virtualenv holding kmock, the Kubernetes API emulator of the pod identity tests
+/// (`tests/src/kube.rs` runs `<venv>/bin/python`).
+const KMOCK_VENV: &str = "/opt/aegis-tests/kmock";
+/// The kmock release those tests are written against (from PyPI).
+const KMOCK_VERSION: &str = "0.8";
+
 /// Debian's policy hook for maintainer scripts: while it exits 101, installing a package never
 /// starts its system service (nginx's). The benches run their own nginx instances only.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
@@ -78,6 +84,11 @@ pub fn run() -> Result<()> {
         report(name, status, true);
     }
     report("rustfmt, clippy", rust_components(), true);
+    report(
+        &format!("kmock {KMOCK_VERSION} (PyPI)"),
+        kmock(root, apt),
+        true,
+    );
 
     let toolchain = EbpfToolchain::probe();
     let nightly_status = match &toolchain.nightly {
@@ -263,6 +274,61 @@ fn bpf_linker(toolchain: &EbpfToolchain) -> Status {
         Status::Missing(format!(
             "cargo +nightly install {crate_} --locked (and put ~/.cargo/bin on PATH)"
         ))
+    }
+}
+
+/// kmock in its own virtualenv ([`KMOCK_VENV`]), made with the system python3 (Debian's needs
+/// `python3-venv` for that, installed when missing).
+fn kmock(root: bool, apt: bool) -> Status {
+    let python = Path::new(KMOCK_VENV).join("bin/python");
+    let installed = || {
+        probe(Command::new(&python).args(["-c", "import kmock; print(kmock.__version__)"]))
+            .is_some_and(|v| v.trim() == KMOCK_VERSION)
+    };
+    if installed() {
+        return Status::Present(KMOCK_VENV.into());
+    }
+    let system_python = Some(PathBuf::from("/usr/bin/python3"))
+        .filter(|p| p.is_file())
+        .or_else(|| find_binary("python3"));
+    let Some(system_python) = system_python else {
+        return Status::Missing("no python3 to make the virtualenv with".into());
+    };
+    let steps = format!(
+        "{} -m venv {KMOCK_VENV} && {KMOCK_VENV}/bin/pip install kmock=={KMOCK_VERSION}",
+        system_python.display()
+    );
+    if !root {
+        return Status::Missing(format!("run as root, or: sudo sh -c '{steps}'"));
+    }
+    let make_venv = || {
+        attempt(
+            Command::new(&system_python)
+                .args(["-m", "venv", "--clear"])
+                .arg(KMOCK_VENV),
+        )
+    };
+    let venv = make_venv()
+        || (apt
+            && attempt(Command::new("apt-get").arg("update"))
+            && attempt(
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends", "python3-venv"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+            && make_venv());
+    let pip = Path::new(KMOCK_VENV).join("bin/pip");
+    if venv
+        && attempt(Command::new(pip).args([
+            "install",
+            "--quiet",
+            &format!("kmock=={KMOCK_VERSION}"),
+        ]))
+        && installed()
+    {
+        Status::Installed
+    } else {
+        Status::Missing(steps)
     }
 }
 

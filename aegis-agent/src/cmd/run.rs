@@ -37,7 +37,7 @@ use crate::{
     dns::{self, DnsProxy},
     ebpf::{self, AsyncEventReader, Datapath, Links},
     egress::{self, Enforcer},
-    identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile},
+    identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile, kube::KubePods},
     killswitch::{KillSwitch, Target},
     l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
     policy::{L7Engine, PolicySet},
@@ -51,6 +51,8 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 const RESYNC_TICKS: u32 = 10;
 /// An exec cgroup younger than this is never collected (its process may not be in it yet).
 const EXEC_GRACE: Duration = Duration::from_secs(5);
+/// How long start-up waits for the first pod list from the API server (`--kubernetes`).
+const KUBE_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The DNS proxy runs on a runtime of its own, one thread: an answer then never waits for a
 /// wake-up on another core (which measured as the difference between matching a no-cache
@@ -80,6 +82,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let l7_engine =
         L7Engine::build(&policies).map_err(|e| anyhow!("policies rejected, not starting:\n{e}"))?;
+    // Before the kernel is touched: a bad Kubernetes configuration stops start-up here.
+    let (kube, mut kube_changes) = match kube_pods(&args, &cgroup2).await? {
+        Some((source, changes)) => (Some(source), Some(changes)),
+        None => (None, None),
+    };
     let ca = NodeCa::load_or_create(&args.ca_cert, &args.ca_key)?;
     let audit = AuditLog::open(&args.audit_log, AuditKey::load_or_create(&args.audit_key)?)?;
     let upstream_roots = upstream_roots(args.upstream_ca.as_deref())?;
@@ -190,12 +197,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             .identities
             .clone()
             .map(|p| StaticFile::new(p, cgroup2.clone())),
+        kube,
+        sync_lock: Mutex::new(()),
+        stale_dropped: AtomicBool::new(false),
         ready: AtomicBool::new(false),
         kill,
     });
     cgroup::create(node.exec.dir())?;
-    node.sync_identities();
-    node.drop_stale();
+    node.sync();
 
     let control = control::bind(&args.control_socket)
         .with_context(|| format!("binding {}", args.control_socket.display()))?;
@@ -224,10 +233,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!(target: "aegis::agent", "SIGHUP: reloading policies and identities");
                 blocking(&node, |node| {
                     node.reload_policies();
-                    node.sync_identities();
+                    node.sync();
                 })
                 .await;
             }
+            Some(()) = next_change(&mut kube_changes) => blocking(&node, Node::sync).await,
             Some(()) = reload_rx.recv() => {
                 // Editors write in several steps: let the directory settle.
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -299,6 +309,40 @@ fn resolv_conf_upstream(path: &Path) -> Option<SocketAddr> {
     })
 }
 
+/// The pod identity source (`--kubernetes`) and its change signal, after waiting (at most
+/// [`KUBE_LIST_TIMEOUT`]) for the first pod list; `None` without `--kubernetes`.
+async fn kube_pods(
+    args: &RunArgs,
+    cgroup2: &Path,
+) -> anyhow::Result<Option<(KubePods, mpsc::Receiver<()>)>> {
+    if !args.kubernetes {
+        return Ok(None);
+    }
+    let node = args
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .context("--kubernetes needs the node's name: --node-name or NODE_NAME (downward API `spec.nodeName`)")?;
+    let client = crate::identity::kube::client(args.kubeconfig.as_deref()).await?;
+    let root = args
+        .kube_cgroup_root
+        .strip_prefix("/")
+        .unwrap_or(&args.kube_cgroup_root);
+    let (source, changes) = KubePods::start(client, node.clone(), cgroup2.join(root));
+    if !source.wait_listed(KUBE_LIST_TIMEOUT).await {
+        tracing::error!(target: "aegis::identity", source = "kubernetes", node = %node, "no pod list from the API server after {}s; starting without pod identities (the pinned state of an earlier agent stays), they follow when it answers", KUBE_LIST_TIMEOUT.as_secs());
+    }
+    Ok(Some((source, changes)))
+}
+
+/// The next change signal of an optional source; never ready without one.
+async fn next_change(changes: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sends a reload request whenever a file in the policy directory changes.
 fn watch_policies(dir: &Path, tx: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -326,6 +370,13 @@ struct Node {
     audit: AuditLog,
     exec: ExecCgroups,
     static_file: Option<StaticFile>,
+    kube: Option<KubePods>,
+    /// Held while the set of registered cgroups is reconciled or an exec cgroup is placed:
+    /// a sync working from an older read of the sources must not unregister what another
+    /// registered meanwhile (pod events, the periodic resync and `exec` run concurrently).
+    sync_lock: Mutex<()>,
+    /// [`Node::drop_stale`] has run (after the first read of every source).
+    stale_dropped: AtomicBool,
     ready: AtomicBool,
     kill: Arc<KillSwitch>,
     approvals: Arc<Approvals>,
@@ -345,6 +396,8 @@ impl Node {
         if self.enforcer().is_registered(cgroup_id, &cg.identity) {
             return Ok(cgroup_id);
         }
+        // Registered under another identity (a relabelled pod): the links are ours already.
+        let relabelled = self.enforcer().cgroups().contains_key(&cgroup_id);
         let port = self.enforcer().port_for(&cg.identity)?;
         self.dns
             .serve_identity(&cg.identity, port)
@@ -359,7 +412,7 @@ impl Node {
         }
         let adopted = self.links().attach(&cg.path, cgroup_id)?;
         self.enforcer().register(cg, &self.policies.load())?;
-        if adopted {
+        if adopted && !relabelled {
             tracing::info!(target: "aegis::identity", cgroup_id, "adopted the pinned links of an earlier agent");
         }
         Ok(cgroup_id)
@@ -378,10 +431,13 @@ impl Node {
     }
 
     /// Registers every cgroup the sources report and unregisters those they no longer do. A
-    /// source that cannot be read keeps its cgroups as they were.
-    fn sync_identities(&self) {
+    /// source that cannot be read keeps its cgroups as they were. Whether every source was read.
+    fn sync_identities(&self) -> bool {
         let mut sources: Vec<&dyn IdentitySource> = vec![&self.exec];
         if let Some(s) = &self.static_file {
+            sources.push(s);
+        }
+        if let Some(s) = &self.kube {
             sources.push(s);
         }
         let mut wanted = HashSet::new();
@@ -407,7 +463,7 @@ impl Node {
             }
         }
         if failed_sources {
-            return;
+            return false;
         }
         let gone: Vec<u64> = self
             .enforcer()
@@ -419,6 +475,20 @@ impl Node {
         for id in gone {
             if let Err(e) = self.unregister(id) {
                 tracing::warn!(target: "aegis::identity", cgroup_id = id, error = %e, "cannot unregister cgroup");
+            }
+        }
+        true
+    }
+
+    /// [`Node::sync_identities`], then, the first time every source could be read,
+    /// [`Node::drop_stale`]: an unreachable API server must not take enforcement away from
+    /// the pods an earlier agent registered.
+    fn sync(&self) {
+        let _reconciling = self.sync_lock.lock().expect("sync lock poisoned");
+        if self.sync_identities() && !self.stale_dropped.swap(true, Ordering::SeqCst) {
+            self.drop_stale();
+            if let Err(e) = self.enforcer().forget_adopted_levels() {
+                tracing::warn!(target: "aegis::identity", error = %e, "cannot update the node configuration");
             }
         }
     }
@@ -502,6 +572,7 @@ impl Handler for Node {
     fn exec(&self, pid: u32, agent: &str, tenant: Option<&str>) -> Result<Reply, String> {
         let identity = Identity::new(agent, tenant)?;
         let path = self.exec.path_for(&identity, pid);
+        let _placing = self.sync_lock.lock().expect("sync lock poisoned");
         cgroup::create(&path).map_err(|e| e.to_string())?;
         let cg = IdentityCgroup {
             path: path.clone(),
@@ -711,7 +782,7 @@ async fn housekeeping(node: Arc<Node>) {
             }
             node.collect_exec_cgroups();
             if resync {
-                node.sync_identities();
+                node.sync();
             }
         })
         .await;

@@ -293,6 +293,11 @@ impl Datapath {
         self.identity.iter().filter_map(Result::ok).collect()
     }
 
+    /// The node configuration in the (pinned) map: an earlier agent's, until written.
+    pub fn config(&self) -> Option<NodeConfig> {
+        self.config.get(&0, 0).ok()
+    }
+
     /// Writes the node configuration.
     pub fn set_config(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
         self.config.set(0, config, 0).map_err(map_err(MAP_CONFIG))

@@ -100,6 +100,10 @@ pub struct Enforcer {
     ports: HashMap<u32, u16>,
     names: HashMap<u32, Identity>,
     level_mask: u32,
+    /// Levels where an earlier agent placed identities, kept in the mask until its stale
+    /// entries are dropped ([`Enforcer::forget_adopted_levels`]): a process in a container
+    /// cgroup below a pinned pod cgroup is found through them.
+    adopted_levels: u32,
     kill: Arc<KillSwitch>,
 }
 
@@ -124,6 +128,7 @@ impl Enforcer {
             .into_iter()
             .map(|(_, v)| (v.identity, v.dns_port))
             .collect();
+        let adopted_levels = datapath.config().map_or(0, |c| c.level_mask);
         let mut enforcer = Enforcer {
             datapath,
             settings,
@@ -131,7 +136,8 @@ impl Enforcer {
             cgroups: HashMap::new(),
             ports,
             names: HashMap::new(),
-            level_mask: 0,
+            level_mask: adopted_levels,
+            adopted_levels,
             kill,
         };
         enforcer.write_config()?;
@@ -220,7 +226,7 @@ impl Enforcer {
             ),
         )?;
         let level = cgroup::level(&self.settings.cgroup2, &cg.path);
-        self.cgroups.insert(
+        let previous = self.cgroups.insert(
             cgroup_id,
             Registered {
                 path: cg.path.clone(),
@@ -229,6 +235,10 @@ impl Enforcer {
                 since: Instant::now(),
             },
         );
+        // A cgroup moving to another identity (a relabelled pod) may leave the old one unused.
+        if let Some(previous) = previous {
+            self.forget_if_unused(&previous.identity)?;
+        }
         self.update_levels()?;
         if first_of_identity {
             self.sync_cidrs(&cg.identity, policy.map(AsRef::as_ref))?;
@@ -252,22 +262,36 @@ impl Enforcer {
             return Ok(());
         };
         self.datapath.remove_identity(cgroup_id)?;
-        if !self.cgroups.values().any(|r| r.identity == reg.identity) {
-            let id = reg.identity.id();
-            let changes = self.learned.remove_identity(id);
-            self.apply_learned(changes)?;
-            self.sync_cidrs(&reg.identity, None)?;
-        }
+        self.forget_if_unused(&reg.identity)?;
         self.update_levels()?;
         tracing::info!(target: "aegis::identity", cgroup = %reg.path.display(), cgroup_id, identity = %reg.identity, "identity cgroup unregistered");
         Ok(())
     }
 
+    /// Forgets the learned addresses and CIDRs of an identity no registered cgroup carries.
+    fn forget_if_unused(&mut self, identity: &Identity) -> Result<(), EnforcerError> {
+        if !self.cgroups.values().any(|r| r.identity == *identity) {
+            let changes = self.learned.remove_identity(identity.id());
+            self.apply_learned(changes)?;
+            self.sync_cidrs(identity, None)?;
+        }
+        Ok(())
+    }
+
+    /// Stops keeping the levels of an earlier agent's identities in the mask (once its stale
+    /// entries are gone).
+    ///
+    /// # Errors
+    /// The configuration map cannot be written.
+    pub fn forget_adopted_levels(&mut self) -> Result<(), EnforcerError> {
+        self.adopted_levels = 0;
+        self.update_levels()
+    }
+
     fn update_levels(&mut self) -> Result<(), EnforcerError> {
-        let mask = self
-            .cgroups
-            .values()
-            .fold(0u32, |m, r| m | 1u32.checked_shl(r.level).unwrap_or(0));
+        let mask = self.cgroups.values().fold(self.adopted_levels, |m, r| {
+            m | 1u32.checked_shl(r.level).unwrap_or(0)
+        });
         if mask != self.level_mask {
             self.level_mask = mask;
             self.write_config()?;

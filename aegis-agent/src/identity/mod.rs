@@ -3,8 +3,8 @@
 //! Sources implement [`IdentitySource`] and report the cgroups they know with their identity.
 //! Two exist today: [`StaticFile`] (hosts without Kubernetes: a YAML file mapping cgroup paths
 //! to identities) and [`ExecCgroups`] (cgroups made by `aegis-agent exec`, whose directory
-//! names carry the identity, so an agent restarting finds them again). Kubernetes pods will be
-//! a third source.
+//! names carry the identity, so an agent restarting finds them again). [`kube::KubePods`] is the
+//! third: pods on this node, from the Kubernetes API server.
 //!
 //! The numeric identity the kernel sees is the 32-bit FNV-1a hash of `agent/tenant`: stable
 //! across restarts and nodes without any stored state. A collision between two identities in
@@ -18,6 +18,8 @@ use std::{
 use serde::Deserialize;
 
 use crate::policy::Name;
+
+pub mod kube;
 
 /// Tenant of identities that name none.
 pub const DEFAULT_TENANT: &str = "default";
@@ -77,6 +79,9 @@ pub enum IdentityError {
         column: usize,
         message: String,
     },
+    /// A remote source (the API server) has not answered yet.
+    #[error("{what}: {message}")]
+    Unavailable { what: &'static str, message: String },
 }
 
 /// Something that knows which cgroups carry which identity.

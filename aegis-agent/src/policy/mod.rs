@@ -203,7 +203,9 @@ pub struct RegoModule {
 
 impl PolicySet {
     /// Loads every `*.yaml`/`*.yml` file directly in `dir`, and the raw `*.rego` modules beside
-    /// them (subdirectories, such as test cases and the compiled bundle, are ignored).
+    /// them (subdirectories, such as test cases and the compiled bundle, are ignored). Files
+    /// may be symbolic links; names starting with `..` are kubelet's own in a mounted ConfigMap
+    /// (`..data`, `..<timestamp>/`, `..data_tmp` during a swap) and are skipped.
     ///
     /// # Errors
     /// Every unreadable file, YAML or schema error, and duplicate (agent, tenant), each with
@@ -221,6 +223,7 @@ impl PolicySet {
             fs::read_dir(dir).map_err(|e| whole(format!("cannot read policy directory: {e}")))?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(Result::ok)
+            .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b".."))
             .map(|e| e.path())
             .filter(|p| {
                 p.is_file()

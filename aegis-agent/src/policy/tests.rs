@@ -39,6 +39,23 @@ fn tenant_policy_wins_over_agent_policy() {
     assert!(set.for_identity("b", "t1").is_none());
 }
 
+/// A ConfigMap volume as kubelet writes it: the keys are symbolic links through `..data` to a
+/// timestamped directory; kubelet's own `..` entries are never read as policies.
+#[test]
+fn loads_a_configmap_volume_and_skips_kubelet_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("..2026_11_22_05_00_00.000000001");
+    fs::create_dir(&data).unwrap();
+    write(&data, "a.yaml", "agent: a\nversion: 4\n");
+    std::os::unix::fs::symlink(data.file_name().unwrap(), dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/a.yaml", dir.path().join("a.yaml")).unwrap();
+    // Not something kubelet makes, but a `..` name kubelet may reserve: never a policy.
+    write(dir.path(), "..data_tmp.yaml", "not: [valid");
+    let set = PolicySet::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(set.len(), 1);
+    assert_eq!(set.for_identity("a", "default").unwrap().version, 4);
+}
+
 fn load_err(text: &str) -> PolicyError {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "bad.yaml", text);
