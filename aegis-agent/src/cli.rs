@@ -47,6 +47,9 @@ pub enum Command {
     KillSwitch(KillSwitchArgs),
     /// Remove everything Aegis pinned and the cgroups it created (stop the agent first).
     Uninstall(UninstallArgs),
+    /// Print the metrics the agent exports on `--metrics-address` (OpenMetrics text: names,
+    /// types, units and help, without samples).
+    Metrics,
 }
 
 #[derive(Debug, Args)]
@@ -209,9 +212,15 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
-    /// OTLP/gRPC endpoint for spans (e.g. http://127.0.0.1:4317); off when absent.
+    /// OTLP/gRPC endpoint for spans (e.g. http://127.0.0.1:4317). Without it, spans are
+    /// exported when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` is
+    /// set (the flag wins over both); off when none is.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus, OpenMetrics text),
+    /// `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:9464")]
+    pub metrics_address: SocketAddr,
 }
 
 #[derive(Debug, Args)]

@@ -18,6 +18,7 @@ mod egress;
 mod identity;
 mod killswitch;
 mod l7;
+mod metrics;
 mod policy;
 mod telemetry;
 mod token;

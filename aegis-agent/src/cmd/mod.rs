@@ -37,5 +37,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(TokenCommand::Verify { token, key }) => token::verify(&token, &key),
         Command::KillSwitch(args) => killswitch::kill_switch(&args),
         Command::Uninstall(args) => uninstall::uninstall(&args),
+        Command::Metrics => {
+            print!("{}", crate::metrics::Metrics::new().encode());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

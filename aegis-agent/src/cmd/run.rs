@@ -39,6 +39,7 @@ use crate::{
     identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile},
     killswitch::{KillSwitch, Target},
     l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
+    metrics,
     policy::{L7Engine, PolicySet},
     telemetry,
     token::{self, TokenVerifier},
@@ -162,6 +163,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         ready: AtomicBool::new(false),
         kill,
     });
+    let ready = Arc::downgrade(&node);
+    let metrics_listener = metrics::bind(args.metrics_address)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {}", args.metrics_address))?;
+    tokio::spawn(metrics::serve(metrics_listener, move || {
+        ready.upgrade().is_some_and(|n| n.ready.load(Ordering::SeqCst))
+    }));
     cgroup::create(node.exec.dir())?;
     node.sync_identities();
     node.drop_stale();
@@ -567,6 +575,7 @@ async fn report_events(mut reader: AsyncEventReader, node: Arc<Node>) {
                 .and_then(|i| policies.for_identity(i.agent.as_str(), i.tenant.as_str()))
                 .map_or(0, |p| p.version);
             let record = telemetry::kernel_event(&ev, who.as_ref(), version);
+            metrics::global().kernel_deny(&record);
             node.audit.append(&record);
         }
     }

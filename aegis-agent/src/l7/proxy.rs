@@ -781,5 +781,6 @@ fn refusal_record(identity: &Identity, refusal: &Refusal) -> L7Record {
 /// Logs, exports (span) and audits one decision.
 fn emit(shared: &Shared, record: &L7Record) {
     telemetry::l7_decision(record);
+    crate::metrics::global().l7_decision(record);
     shared.audit.append(record);
 }
