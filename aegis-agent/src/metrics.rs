@@ -188,9 +188,9 @@ impl Metrics {
         );
         // 100 µs to ~13 s: the enforcer's own share is sub-millisecond, the upstream's reply
         // time up to the response headers is included.
-        let l7_duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-            0.0001, 2.0, 18,
-        ));
+        let l7_duration = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+        );
         registry.register_with_unit(
             "aegis_l7_request_duration",
             "Time from an L7 request's arrival to the decision's effect (response headers \
@@ -377,7 +377,10 @@ impl Drop for DnsQuery<'_> {
 
 /// `value` if it is one of `set`, else `other`.
 fn closed(set: &[&'static str], value: &str) -> &'static str {
-    set.iter().find(|s| **s == value).copied().unwrap_or("other")
+    set.iter()
+        .find(|s| **s == value)
+        .copied()
+        .unwrap_or("other")
 }
 
 /// The reason code of an L7 record's reason (`constraint_violated: amount > max 5000`,
@@ -455,11 +458,7 @@ fn respond(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {
         "/metrics" => text(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, global().encode()),
         "/healthz" => text(StatusCode::OK, plain, "ok\n".into()),
         "/readyz" if ready => text(StatusCode::OK, plain, "ready\n".into()),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            plain,
-            "not ready\n".into(),
-        ),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, plain, "not ready\n".into()),
         _ => text(StatusCode::NOT_FOUND, plain, "not found\n".into()),
     }
 }
@@ -504,7 +503,11 @@ mod tests {
             Some(4.0),
         ));
         // Refunded and neither spent nor prevented.
-        m.l7_decision(&record("deny", "upstream_failed: upstream x: refused", Some(8.0)));
+        m.l7_decision(&record(
+            "deny",
+            "upstream_failed: upstream x: refused",
+            Some(8.0),
+        ));
         m.l7_decision(&record("deny", "amount looks odd (custom rego rule)", None));
         let text = m.encode();
         let ids = r#"agent="finance-agent",tenant="acme""#;
@@ -523,7 +526,10 @@ mod tests {
             Some(0.75)
         );
         assert_eq!(
-            sample(&text, &format!("aegis_l7_prevented_spend_usd_total{{{ids}}}")),
+            sample(
+                &text,
+                &format!("aegis_l7_prevented_spend_usd_total{{{ids}}}")
+            ),
             Some(6.0)
         );
         assert_eq!(

@@ -168,7 +168,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding the metrics endpoint {}", args.metrics_address))?;
     tokio::spawn(metrics::serve(metrics_listener, move || {
-        ready.upgrade().is_some_and(|n| n.ready.load(Ordering::SeqCst))
+        ready
+            .upgrade()
+            .is_some_and(|n| n.ready.load(Ordering::SeqCst))
     }));
     cgroup::create(node.exec.dir())?;
     node.sync_identities();
