@@ -5,5 +5,6 @@
 //! `Drop`. Everything here needs root, real cgroups and network namespaces; nothing is skipped
 //! silently when a prerequisite is missing.
 
+pub mod openmetrics;
 pub mod report;
 pub mod world;
