@@ -47,8 +47,8 @@ pub enum Command {
     KillSwitch(KillSwitchArgs),
     /// Remove everything Aegis pinned and the cgroups it created (stop the agent first).
     Uninstall(UninstallArgs),
-    /// Print the metrics the agent exports on `--metrics-address` (OpenMetrics text: names,
-    /// types, units and help, without samples).
+    /// List the metric families the agent exports on `--metrics-address`, one per line:
+    /// name, type, labels, help (tab-separated).
     Metrics,
 }
 

@@ -26,8 +26,14 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::{Registry, Unit},
+    metrics::{
+        MetricType,
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Metric, Registry, Unit},
 };
 use tokio::net::TcpListener;
 
@@ -148,9 +154,83 @@ struct ResultLabels {
 
 type UsdCounter = Counter<f64, AtomicU64>;
 
+/// One exported metric family.
+#[derive(Clone, Debug)]
+pub struct Descriptor {
+    /// The family name as exposed, unit included (`aegis_l7_spend_usd`); counters' samples
+    /// add `_total`, histograms' `_bucket`, `_count` and `_sum`.
+    pub name: String,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// Label names, in exposition order.
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+impl std::fmt::Display for Descriptor {
+    /// `name<TAB>type<TAB>labels (comma-separated, `-` for none)<TAB>help`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let labels = if self.labels.is_empty() {
+            "-".to_owned()
+        } else {
+            self.labels.join(",")
+        };
+        write!(f, "{}\t{}\t{labels}\t{}", self.name, self.kind, self.help)
+    }
+}
+
+/// A registry that also lists what it registers.
+#[derive(Default)]
+struct Catalogue {
+    registry: Registry,
+    families: Vec<Descriptor>,
+}
+
+impl Catalogue {
+    fn add<M: Metric + Clone>(
+        &mut self,
+        name: &'static str,
+        unit: Option<&'static str>,
+        labels: &'static [&'static str],
+        help: &'static str,
+        metric: M,
+    ) -> M {
+        let kind = match metric.metric_type() {
+            MetricType::Counter => "counter",
+            MetricType::Gauge => "gauge",
+            MetricType::Histogram => "histogram",
+            MetricType::Info => "info",
+            MetricType::Unknown => "unknown",
+        };
+        self.families.push(Descriptor {
+            name: unit.map_or_else(|| name.to_owned(), |u| format!("{name}_{u}")),
+            kind,
+            labels,
+            help,
+        });
+        match unit {
+            None => self.registry.register(name, help, metric.clone()),
+            Some("seconds") => {
+                self.registry
+                    .register_with_unit(name, help, Unit::Seconds, metric.clone());
+            }
+            Some(other) => {
+                self.registry.register_with_unit(
+                    name,
+                    help,
+                    Unit::Other(other.into()),
+                    metric.clone(),
+                );
+            }
+        }
+        metric
+    }
+}
+
 /// The agent's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
+    catalogue: Vec<Descriptor>,
     l7_decisions: Family<L7Labels, Counter>,
     l7_duration: Histogram,
     spend: Family<IdentityLabels, UsdCounter>,
@@ -178,76 +258,76 @@ impl Default for Metrics {
 impl Metrics {
     /// A registry with every metric the agent exports, all at zero.
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let l7_decisions = Family::<L7Labels, Counter>::default();
-        registry.register(
+        let mut r = Catalogue::default();
+        let l7_decisions = r.add(
             "aegis_l7_decisions",
+            None,
+            &["agent", "tenant", "decision", "reason"],
             "L7 decisions by identity, decision (allow, sanitize, deny, approval_needed; \
              would_* in shadow mode) and reason code",
-            l7_decisions.clone(),
+            Family::<L7Labels, Counter>::default(),
         );
         // 100 µs to ~13 s: the enforcer's own share is sub-millisecond, the upstream's reply
         // time up to the response headers is included.
-        let l7_duration = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
-        );
-        registry.register_with_unit(
+        let l7_duration = r.add(
             "aegis_l7_request_duration",
+            Some("seconds"),
+            &[],
             "Time from an L7 request's arrival to the decision's effect (response headers \
              forwarded, or refusal sent)",
-            Unit::Seconds,
-            l7_duration.clone(),
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
         );
-        let spend = Family::<IdentityLabels, UsdCounter>::default();
-        registry.register_with_unit(
+        let spend = r.add(
             "aegis_l7_spend",
+            Some("usd"),
+            &["agent", "tenant"],
             "Estimated cost of the priced L7 calls forwarded upstream (policy prices)",
-            Unit::Other("usd".into()),
-            spend.clone(),
+            Family::<IdentityLabels, UsdCounter>::default(),
         );
-        let prevented_spend = Family::<IdentityLabels, UsdCounter>::default();
-        registry.register_with_unit(
+        let prevented_spend = r.add(
             "aegis_l7_prevented_spend",
+            Some("usd"),
+            &["agent", "tenant"],
             "Estimated cost of the priced L7 calls refused (policy deny, approval needed, \
              budget exceeded)",
-            Unit::Other("usd".into()),
-            prevented_spend.clone(),
+            Family::<IdentityLabels, UsdCounter>::default(),
         );
-        let kernel_denies = Family::<KernelLabels, Counter>::default();
-        registry.register(
+        let kernel_denies = r.add(
             "aegis_kernel_denies",
+            None,
+            &["agent", "tenant", "verdict", "reason"],
             "Connections, sends and sockets the kernel programs denied (verdict denied) or would \
              have denied in shadow mode (verdict would_deny), by identity and reason code",
-            kernel_denies.clone(),
+            Family::<KernelLabels, Counter>::default(),
         );
-        let dns_queries = Family::<DnsLabels, Counter>::default();
-        registry.register(
+        let dns_queries = r.add(
             "aegis_dns_queries",
+            None,
+            &["agent", "tenant", "result"],
             "DNS queries of agent workloads by identity and result (allowed, denied, \
              would_deny, upstream_failed, error)",
-            dns_queries.clone(),
+            Family::<DnsLabels, Counter>::default(),
         );
         // 50 µs to ~1.6 s: denials are answered locally, allowed names wait for the upstream.
-        let dns_duration =
-            Family::<ResultLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
-                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                    0.00005, 2.0, 16,
-                ))
-            });
-        registry.register_with_unit(
+        let dns_duration = r.add(
             "aegis_dns_answer_duration",
+            Some("seconds"),
+            &["result"],
             "Time from a DNS query's arrival to its answer's release, by result",
-            Unit::Seconds,
-            dns_duration.clone(),
+            Family::<ResultLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+            }),
         );
-        let approvals_pending = Gauge::default();
-        registry.register(
+        let approvals_pending = r.add(
             "aegis_approvals_pending",
+            None,
+            &[],
             "L7 requests waiting for a human approval",
-            approvals_pending.clone(),
+            Gauge::default(),
         );
         Metrics {
-            registry,
+            catalogue: r.families,
+            registry: r.registry,
             l7_decisions,
             l7_duration,
             spend,
@@ -257,6 +337,12 @@ impl Metrics {
             dns_duration,
             approvals_pending,
         }
+    }
+
+    /// Every metric family the agent exports (also those without samples yet, which
+    /// `/metrics` leaves out).
+    pub fn catalogue(&self) -> &[Descriptor] {
+        &self.catalogue
     }
 
     /// The registry in the OpenMetrics text format (ends with `# EOF`).
@@ -598,6 +684,60 @@ mod tests {
         let m = Metrics::new();
         m.set_approvals_pending(3);
         assert!(m.encode().contains("aegis_approvals_pending 3\n"));
+    }
+
+    /// The catalogue's names and labels are what `/metrics` shows once every family has a
+    /// sample.
+    #[test]
+    fn catalogue_matches_the_exposition() {
+        let m = Metrics::new();
+        let id = Identity::new("web-agent", None).unwrap();
+        m.l7_decision(&record("allow", "allowed", Some(1.0)));
+        m.l7_decision(&record("deny", "allowed", Some(1.0)));
+        m.dns_query(&id).set(DnsResult::Allowed);
+        m.kernel_deny(&EgressRecord {
+            kind: "egress_denied",
+            verdict: "denied",
+            reason: "not_allowed",
+            hook: "connect4",
+            agent: "web-agent".into(),
+            tenant: "default".into(),
+            identity: 1,
+            policy_version: 1,
+            cgroup_id: 1,
+            pid: 1,
+            comm: "curl".into(),
+            dst: "198.18.1.20".into(),
+            port: 80,
+            protocol: "tcp".into(),
+        });
+        let text = m.encode();
+        for d in m.catalogue() {
+            assert!(
+                text.contains(&format!("# TYPE {} {}\n", d.name, d.kind)),
+                "{d} not in\n{text}"
+            );
+            let sample = match d.kind {
+                "counter" => format!("{}_total", d.name),
+                "histogram" => format!("{}_count", d.name),
+                _ => d.name.clone(),
+            };
+            let line = text
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!("{sample}{{")) || l.starts_with(&format!("{sample} "))
+                })
+                .unwrap_or_else(|| panic!("no sample {sample} in\n{text}"));
+            let labels: Vec<&str> = line
+                .split_once('{')
+                .map(|(_, rest)| rest.split_once('}').unwrap().0)
+                .into_iter()
+                .flat_map(|set| set.split(','))
+                .map(|kv| kv.split_once('=').unwrap().0)
+                .collect();
+            assert_eq!(labels, d.labels, "{line}");
+        }
+        assert_eq!(m.catalogue().len(), 8);
     }
 
     #[test]

@@ -69,7 +69,7 @@ fn scrape(w: &World) -> Exposition {
         content_type, "application/openmetrics-text; version=1.0.0; charset=utf-8",
         "the OpenMetrics content type"
     );
-    Exposition::parse(&format!("{body}\n"))
+    Exposition::parse(&body)
         .unwrap_or_else(|e| panic!("/metrics is not valid OpenMetrics text: {e}\n{body}"))
 }
 
@@ -117,24 +117,8 @@ fn metrics_count_decisions_denies_dns_and_spend_by_identity() {
         assert_eq!(status, "200", "{path} of a ready agent: {body}");
     }
     assert_eq!(get(&w, "/nothing-here").0, "404");
-    // Before any traffic every family is declared, and nothing is counted.
+    // Before any traffic nothing is counted.
     let before = scrape(&w);
-    for family in [
-        "aegis_l7_decisions",
-        "aegis_l7_request_duration_seconds",
-        "aegis_l7_spend_usd",
-        "aegis_l7_prevented_spend_usd",
-        "aegis_kernel_denies",
-        "aegis_dns_queries",
-        "aegis_dns_answer_duration_seconds",
-        "aegis_approvals_pending",
-    ] {
-        assert!(
-            before.families.contains_key(family),
-            "{family} not exported: {:?}",
-            before.families.keys()
-        );
-    }
     assert_eq!(before.samples("aegis_l7_decisions_total", &[]).count(), 0);
     assert_eq!(before.value("aegis_approvals_pending", &[]), Some(0.0));
 
@@ -248,6 +232,39 @@ fn metrics_count_decisions_denies_dns_and_spend_by_identity() {
             "one latency observation per {result} query"
         );
     }
+    // Every family `aegis-agent metrics` lists is exported now, with the type and labels it
+    // lists, and nothing else is.
+    let out = w.agent_cli(&["metrics"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut names = Vec::new();
+    for line in listed.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [name, kind, labels, _help] = fields[..] else {
+            panic!("`aegis-agent metrics` line {line:?}");
+        };
+        names.push(name.to_owned());
+        let family = m
+            .families
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} listed, not exported: {m:#?}"));
+        assert_eq!(family.kind, kind, "{name}");
+        for sample in &family.samples {
+            let mut got: Vec<&str> = sample
+                .labels
+                .keys()
+                .map(String::as_str)
+                .filter(|l| *l != "le")
+                .collect();
+            let mut want: Vec<&str> = labels.split(',').filter(|l| *l != "-").collect();
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "labels of {sample:?}");
+        }
+    }
+    let exported: Vec<&String> = m.families.keys().collect();
+    names.sort();
+    assert_eq!(exported, names.iter().collect::<Vec<_>>());
     // Label values are bounded: no domain, address or free-form text anywhere.
     for sample in m.families.values().flat_map(|f| &f.samples) {
         for value in sample.labels.values() {

@@ -38,7 +38,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::KillSwitch(args) => killswitch::kill_switch(&args),
         Command::Uninstall(args) => uninstall::uninstall(&args),
         Command::Metrics => {
-            print!("{}", crate::metrics::Metrics::new().encode());
+            for family in crate::metrics::Metrics::new().catalogue() {
+                println!("{family}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
