@@ -483,12 +483,20 @@ fn micros_to_seconds(us: u64) -> f64 {
 
 // === HTTP endpoints ===
 
-/// Binds the metrics and health endpoint.
+/// Binds the metrics and health endpoint, with `SO_REUSEPORT` so that an agent starting while
+/// the one it replaces still runs (a restart hand-over) can bind it too.
 ///
 /// # Errors
 /// The address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Serves `GET /metrics` (the [`global`] registry), `GET /healthz` (200 while the process

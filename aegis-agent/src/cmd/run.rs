@@ -165,7 +165,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let ready = Arc::downgrade(&node);
     let metrics_listener = metrics::bind(args.metrics_address)
-        .await
         .with_context(|| format!("binding the metrics endpoint {}", args.metrics_address))?;
     tokio::spawn(metrics::serve(metrics_listener, move || {
         ready
