@@ -51,6 +51,9 @@ pub enum Command {
     Approvals(ApprovalsCommand),
     /// Remove everything Aegis pinned and the cgroups it created (stop the agent first).
     Uninstall(UninstallArgs),
+    /// List the metric families the agent exports on `--metrics-address`, one per line:
+    /// name, type, labels, help (tab-separated).
+    Metrics,
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,9 +295,15 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
-    /// OTLP/gRPC endpoint for spans (e.g. http://127.0.0.1:4317); off when absent.
+    /// OTLP/gRPC endpoint for spans (e.g. http://127.0.0.1:4317). Without it, spans are
+    /// exported when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` is
+    /// set (the flag wins over both); off when none is.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus, OpenMetrics text),
+    /// `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:9464")]
+    pub metrics_address: SocketAddr,
 }
 
 #[derive(Debug, Args)]

@@ -19,6 +19,7 @@ mod egress;
 mod identity;
 mod killswitch;
 mod l7;
+mod metrics;
 mod policy;
 mod state;
 mod telemetry;

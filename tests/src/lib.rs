@@ -7,5 +7,6 @@
 //! silently when a prerequisite is missing.
 
 pub mod kube;
+pub mod openmetrics;
 pub mod report;
 pub mod world;

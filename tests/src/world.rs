@@ -226,6 +226,7 @@ pub struct WorldBuilder {
     min_ttl: u32,
     agent_args: Vec<String>,
     agent_env: Vec<(String, String)>,
+    agent_caps: Option<Vec<String>>,
 }
 
 impl Default for WorldBuilder {
@@ -241,6 +242,7 @@ impl Default for WorldBuilder {
             min_ttl: 1,
             agent_args: Vec::new(),
             agent_env: Vec::new(),
+            agent_caps: None,
         }
     }
 }
@@ -303,6 +305,15 @@ impl WorldBuilder {
         self
     }
 
+    /// Runs the agent with only these capabilities (`setpriv` bounding set, names as
+    /// capabilities(7) without `CAP_`, e.g. `BPF`), like a container that drops all others. The
+    /// world then creates the agent's `--cgroup-root` directory itself, as root, the way an
+    /// owner-writable cgroup2 root lets the agent do on a node.
+    pub fn agent_capabilities(mut self, caps: &[&str]) -> Self {
+        self.agent_caps = Some(caps.iter().map(|c| c.to_ascii_lowercase()).collect());
+        self
+    }
+
     /// An environment variable for the agent process (e.g. `RUST_LOG`).
     pub fn agent_env(mut self, key: &str, value: &str) -> Self {
         self.agent_env.push((key.to_string(), value.to_string()));
@@ -344,6 +355,7 @@ impl WorldBuilder {
             min_ttl: self.min_ttl,
             agent_args: self.agent_args.clone(),
             agent_env: self.agent_env.clone(),
+            agent_caps: self.agent_caps.clone(),
             namespaces: Vec::new(),
             etc_netns: Vec::new(),
             services: Vec::new(),
@@ -422,6 +434,7 @@ pub struct World {
     min_ttl: u32,
     agent_args: Vec<String>,
     agent_env: Vec<(String, String)>,
+    agent_caps: Option<Vec<String>>,
     namespaces: Vec<String>,
     etc_netns: Vec<PathBuf>,
     services: Vec<(&'static str, Child)>,
@@ -541,8 +554,20 @@ impl World {
         let stdout = append_file(&self.dir.join("agent.stdout"))?;
         let stderr = append_file(&self.dir.join("agent.stderr"))?;
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.node_ns()))
-            .arg(&self.agent_bin)
+        cmd.arg(format!("--net=/run/netns/{}", self.node_ns()));
+        if let Some(caps) = &self.agent_caps {
+            let cgroup2 = cgroup2_mount().ok_or_else(|| err("no cgroup2 mount"))?;
+            let root = cgroup2.join(self.cgroup_root());
+            std::fs::create_dir_all(&root)
+                .map_err(|e| err(format!("creating {}: {e}", root.display())))?;
+            let bounding: String = caps.iter().map(|c| format!(",+{c}")).collect();
+            cmd.args([
+                "setpriv",
+                &format!("--bounding-set=-all{bounding}"),
+                "--inh-caps=-all",
+            ]);
+        }
+        cmd.arg(&self.agent_bin)
             .arg("run")
             .arg("--policies")
             .arg(self.policy_dir())

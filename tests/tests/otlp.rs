@@ -1,5 +1,6 @@
 //! Deny events reach an OpenTelemetry collector: the agent exports each kernel deny as a span
-//! over OTLP/gRPC to a receiver this test runs inside the world's node namespace.
+//! over OTLP/gRPC to a receiver this test runs inside the world's node namespace, whether the
+//! endpoint comes from `--otlp-endpoint` or from the standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
 
 mod common;
 
@@ -10,24 +11,47 @@ use std::{
 
 use common::{OTLP_PORT, attr_str, spawn_receiver};
 
-use aegis_tests::world::{HttpServer, NODE_UPLINK_V4, World, describe};
+use aegis_tests::world::{HttpServer, NODE_UPLINK_V4, World, WorldBuilder, describe};
 
 const EVIL: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
 
 #[test]
 fn kernel_denies_are_exported_as_otlp_spans() {
     let endpoint = format!("http://{NODE_UPLINK_V4}:{OTLP_PORT}");
-    let mut world = World::builder()
+    kernel_deny_reaches_the_receiver(|b| b.agent_arg("--otlp-endpoint").agent_arg(&endpoint));
+}
+
+/// No flag: the standard variable alone turns export on.
+#[test]
+fn otlp_endpoint_from_the_standard_environment_variable() {
+    let endpoint = format!("http://{NODE_UPLINK_V4}:{OTLP_PORT}");
+    kernel_deny_reaches_the_receiver(|b| b.agent_env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint));
+}
+
+/// The flag wins over the variable: a variable naming a dead endpoint does not divert spans.
+#[test]
+fn otlp_flag_wins_over_the_environment() {
+    let endpoint = format!("http://{NODE_UPLINK_V4}:{OTLP_PORT}");
+    kernel_deny_reaches_the_receiver(|b| {
+        b.agent_arg("--otlp-endpoint")
+            .agent_arg(&endpoint)
+            .agent_env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+            .agent_env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9")
+    });
+}
+
+/// A kernel deny, configured for export by `configure`, arrives at the in-process receiver as
+/// an `aegis.egress` span with its attributes, and is in the audit log.
+fn kernel_deny_reaches_the_receiver(configure: impl FnOnce(WorldBuilder) -> WorldBuilder) {
+    let builder = World::builder()
         .pods(1)
         .http_server(HttpServer::new("evil", Some(EVIL), None, &[80]))
         .policy(
             "web.yaml",
             "agent: web-agent\nversion: 4\negress:\n  - fqdn: allowed.test\n",
         )
-        .agent_arg("--otlp-endpoint")
-        .agent_arg(&endpoint)
-        .agent_env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .build();
+        .agent_env("OTEL_BSP_SCHEDULE_DELAY", "200");
+    let mut world = configure(builder).build();
     let receiver = spawn_receiver(
         &world.node_ns(),
         SocketAddr::new(NODE_UPLINK_V4.into(), OTLP_PORT),

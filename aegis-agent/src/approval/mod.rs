@@ -352,6 +352,7 @@ impl Approvals {
             token_exp: 0,
         };
         all.insert(approval.id.clone(), approval.clone());
+        publish_pending(&all);
         drop(all);
         self.audit.append(&AuditRecord {
             kind: "approval_requested",
@@ -377,6 +378,7 @@ impl Approvals {
     pub fn pending(&self) -> usize {
         let mut all = self.lock();
         expire(&mut all, now());
+        publish_pending(&all);
         all.values().filter(|a| a.state == State::Pending).count()
     }
 
@@ -434,6 +436,7 @@ impl Approvals {
             None
         };
         let approval = approval.clone();
+        publish_pending(&all);
         drop(all);
         self.audit.append(&AuditRecord {
             kind: "approval_decided",
@@ -536,6 +539,12 @@ impl Approvals {
             }
         }
     }
+}
+
+/// Publishes the number of pending approvals (`aegis_approvals_pending`).
+fn publish_pending(all: &HashMap<String, Approval>) {
+    let n = all.values().filter(|a| a.state == State::Pending).count();
+    crate::metrics::global().set_approvals_pending(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// Marks pending approvals and unspent override tokens past their expiry as expired, and

@@ -41,5 +41,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Approvals(ApprovalsCommand::Approve(args)) => approvals::decide(&args, true),
         Command::Approvals(ApprovalsCommand::Deny(args)) => approvals::decide(&args, false),
         Command::Uninstall(args) => uninstall::uninstall(&args),
+        Command::Metrics => {
+            for family in crate::metrics::Metrics::new().catalogue() {
+                println!("{family}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -40,6 +40,7 @@ use crate::{
     identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile, kube::KubePods},
     killswitch::{KillSwitch, Target},
     l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
+    metrics,
     policy::{L7Engine, PolicySet},
     state, telemetry,
     token::{self, TokenVerifier},
@@ -203,6 +204,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         ready: AtomicBool::new(false),
         kill,
     });
+    let ready = Arc::downgrade(&node);
+    let metrics_listener = metrics::bind(args.metrics_address)
+        .with_context(|| format!("binding the metrics endpoint {}", args.metrics_address))?;
+    tokio::spawn(metrics::serve(metrics_listener, move || {
+        ready
+            .upgrade()
+            .is_some_and(|n| n.ready.load(Ordering::SeqCst))
+    }));
     cgroup::create(node.exec.dir())?;
     node.sync();
 
@@ -756,6 +765,7 @@ async fn report_events(mut reader: AsyncEventReader, node: Arc<Node>) {
                 .and_then(|i| policies.for_identity(i.agent.as_str(), i.tenant.as_str()))
                 .map_or(0, |p| p.version);
             let record = telemetry::kernel_event(&ev, who.as_ref(), version);
+            metrics::global().kernel_deny(&record);
             node.audit.append(&record);
         }
     }
@@ -781,6 +791,8 @@ async fn housekeeping(node: Arc<Node>) {
                 tracing::warn!(target: "aegis::agent", error = %e, "cannot remove expired addresses");
             }
             node.collect_exec_cgroups();
+            // Expires approvals nobody decided in time (and updates the pending gauge).
+            node.approvals.pending();
             if resync {
                 node.sync();
             }

@@ -36,6 +36,7 @@ use tokio::{
 use crate::{
     egress::Enforcer,
     identity::Identity,
+    metrics::{self, DnsResult},
     policy::{Mode, PolicySet, Ports},
 };
 
@@ -270,6 +271,7 @@ async fn answer(
     query: &[u8],
     transport: Transport,
 ) -> Option<Vec<u8>> {
+    let mut measured = metrics::global().dns_query(identity);
     let request = match Message::from_vec(query) {
         Ok(m) => m,
         Err(e) => {
@@ -308,6 +310,7 @@ async fn answer(
             tenant = %identity.tenant, identity = identity.id(), policy_version, qname = %qname,
             qtype = %qtype, rcode = %rcode, "DNS query denied"
         );
+        measured.set(DnsResult::Denied);
         return error_reply(request.id(), Some(question.clone()), rcode);
     }
 
@@ -319,6 +322,7 @@ async fn answer(
         Ok(reply) => reply,
         Err(e) => {
             tracing::warn!(target: "aegis::dns", %identity, qname = %qname, upstream = %shared.upstream.addr(), error = %e, "upstream DNS failed");
+            measured.set(DnsResult::UpstreamFailed);
             return error_reply(request.id(), Some(question.clone()), ResponseCode::ServFail);
         }
     };
@@ -349,6 +353,7 @@ async fn answer(
                     );
                 }
             };
+            measured.set(DnsResult::Allowed);
             let ttl = addrs.iter().map(|(_, t)| *t).min();
             if !added.is_empty() {
                 // The audit trail of what DNS opened: once per address and identity.
@@ -365,6 +370,7 @@ async fn answer(
             );
         }
         Verdict::WouldDeny | Verdict::Deny => {
+            measured.set(DnsResult::WouldDeny);
             tracing::warn!(
                 target: "aegis::event", event = "dns_denied", verdict = "would_deny", agent = %identity.agent,
                 tenant = %identity.tenant, identity = identity.id(), policy_version, qname = %qname,

@@ -569,6 +569,7 @@ async fn decide_and_forward(
     // through, settled to the reported usage when an LLM response ends.
     if priced.llm.is_some() {
         record.estimated_cost_usd = Some(priced.amount as f64 / 1e6);
+        record.cost_settled_later = true;
     }
     let mut charged = None;
     if priced.amount > 0 && !priced.periods.is_empty() {
@@ -781,6 +782,11 @@ fn meter(
             settled.input_tokens = Some(u.input_tokens);
             settled.output_tokens = Some(u.output_tokens);
             settled.cost_usd = Some(cost as f64 / 1e6);
+            crate::metrics::global().llm_settled(
+                &settled.agent,
+                &settled.tenant,
+                cost as f64 / 1e6,
+            );
             if let Some((periods, reserved)) = charged {
                 let delta = i64::try_from(cost).unwrap_or(i64::MAX)
                     - i64::try_from(reserved).unwrap_or(i64::MAX);
@@ -795,6 +801,9 @@ fn meter(
                 }
             }
         } else {
+            if let Some(reserved) = settled.reserved_usd {
+                crate::metrics::global().llm_settled(&settled.agent, &settled.tenant, reserved);
+            }
             tracing::warn!(target: "aegis::l7", agent = %settled.agent, tool = ?settled.tool, "LLM response reported no usage (or ended early); the reservation stays charged");
         }
         audit.append(&settled);
@@ -1136,5 +1145,6 @@ fn refusal_record(identity: &Identity, refusal: &Refusal) -> L7Record {
 /// Logs, exports (span) and audits one decision.
 fn emit(shared: &Shared, record: &L7Record) {
     telemetry::l7_decision(record);
+    crate::metrics::global().l7_decision(record);
     shared.audit.append(record);
 }

@@ -5,7 +5,8 @@
 //! (`egress_denied`, `dns_denied`, `dns_allowed`); the shapes are documented in
 //! `docs/events.md`. When an OTLP endpoint is configured, each event is also exported as an
 //! OpenTelemetry span (`aegis.egress`) carrying the same attributes, with the log line as a span
-//! event. OTLP is off by default.
+//! event. OTLP is off by default; [`otlp_target`] says when it is on (`--otlp-endpoint`, else the
+//! standard `OTEL_EXPORTER_OTLP_*` environment variables).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -48,6 +49,87 @@ pub enum TelemetryError {
     },
     #[error("installing the log subscriber: {0}")]
     Subscriber(String),
+    #[error("{var}={value}: only the `grpc` OTLP protocol is supported")]
+    Protocol { var: &'static str, value: String },
+    #[error("{var}={value}: only `otlp` (or `none`) span exporters are supported")]
+    Exporter { var: &'static str, value: String },
+}
+
+/// Where spans go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OtlpTarget {
+    /// The `--otlp-endpoint` flag.
+    Flag(String),
+    /// The endpoint named by the environment (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`), which the OTLP exporter reads itself, along with
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT` and `_HEADERS`.
+    Env { var: &'static str, endpoint: String },
+}
+
+/// Whether, and where, spans are exported, from the `--otlp-endpoint` flag and the
+/// OpenTelemetry environment variables read through `env` (the OpenTelemetry specification's
+/// "OTLP Exporter Configuration" and "General SDK Configuration"):
+///
+/// - the flag, when given, wins: export to it;
+/// - else export when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` is
+///   set (non-empty; the first wins), unless `OTEL_SDK_DISABLED=true` or
+///   `OTEL_TRACES_EXPORTER=none`;
+/// - else no export.
+///
+/// # Errors
+/// `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` names a protocol other than `grpc`, or
+/// `OTEL_TRACES_EXPORTER` an exporter other than `otlp`/`none`, while export is on: the agent
+/// refuses to start rather than silently export nowhere.
+pub fn otlp_target(
+    flag: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<OtlpTarget>, TelemetryError> {
+    let var = |name: &'static str| env(name).filter(|v| !v.trim().is_empty());
+    let target = match flag.filter(|f| !f.is_empty()) {
+        Some(endpoint) => OtlpTarget::Flag(endpoint.to_owned()),
+        None => {
+            let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+            let exporter = var("OTEL_TRACES_EXPORTER");
+            if disabled
+                || exporter
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("none"))
+            {
+                return Ok(None);
+            }
+            let from_env = [
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ]
+            .into_iter()
+            .find_map(|name| var(name).map(|endpoint| (name, endpoint)));
+            let Some((var_name, endpoint)) = from_env else {
+                return Ok(None);
+            };
+            if let Some(value) = exporter.filter(|e| !e.eq_ignore_ascii_case("otlp")) {
+                return Err(TelemetryError::Exporter {
+                    var: "OTEL_TRACES_EXPORTER",
+                    value,
+                });
+            }
+            OtlpTarget::Env {
+                var: var_name,
+                endpoint,
+            }
+        }
+    };
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Some(value) = var(name) {
+            if value != "grpc" {
+                return Err(TelemetryError::Protocol { var: name, value });
+            }
+            break;
+        }
+    }
+    Ok(Some(target))
 }
 
 /// Keeps the log writer and the OTLP pipeline alive; flushes both on drop.
@@ -67,12 +149,15 @@ impl Drop for Telemetry {
 }
 
 /// Installs the global subscriber: logs in `format` (level from `RUST_LOG`, default `info`)
-/// and, if `otlp_endpoint` is set, span export over OTLP/gRPC. Must run inside the tokio
+/// and span export over OTLP/gRPC to `otlp_endpoint` or, without it, to the endpoint the
+/// `OTEL_EXPORTER_OTLP_*` environment names ([`otlp_target`]). Must run inside the tokio
 /// runtime when OTLP is on.
 ///
 /// # Errors
-/// The exporter cannot be built or a subscriber is already installed.
+/// The OTLP environment is unusable, the exporter cannot be built or a subscriber is already
+/// installed.
 pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
+    let target = otlp_target(otlp_endpoint, |name| std::env::var(name).ok())?;
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Lines go to stdout from a writer thread of their own, so a request never waits on the
     // write(2) (or on another thread holding stdout). Not lossy: when the queue (128,000 lines)
@@ -95,17 +180,18 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
             .with_filter(filter())
             .boxed(),
     };
-    let (otel, provider) = match otlp_endpoint {
+    let (otel, provider) = match target {
         None => (None, None),
-        Some(endpoint) => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
+        Some(target) => {
+            let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            let (builder, endpoint) = match target {
+                OtlpTarget::Flag(endpoint) => (builder.with_endpoint(&endpoint), endpoint),
+                // The exporter reads the endpoint variables itself, in the same order.
+                OtlpTarget::Env { var, endpoint } => (builder, format!("{endpoint} (from {var})")),
+            };
+            let exporter = builder
                 .build()
-                .map_err(|source| TelemetryError::Otlp {
-                    endpoint: endpoint.to_owned(),
-                    source,
-                })?;
+                .map_err(|source| TelemetryError::Otlp { endpoint, source })?;
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
                 .with_resource(Resource::builder().with_service_name("aegis-agent").build())
@@ -218,6 +304,10 @@ pub struct L7Record {
     /// Who approved it (`uid:0`, `api:alice`), when it passed on an override token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
+    /// Token-priced (LLM): `estimated_cost_usd` is the reservation; the spend is settled when
+    /// the response ends (`llm_usage` record).
+    #[serde(skip)]
+    pub cost_settled_later: bool,
     /// HTTP status returned to the workload.
     pub status: Option<u16>,
     /// Time from the request's arrival to the decision's effect (forwarded response headers or
@@ -364,6 +454,110 @@ mod tests {
         assert_eq!(
             event_destination(&event(AF_INET, v4)),
             Some(IpAddr::from([198, 18, 1, 10]))
+        );
+    }
+
+    #[test]
+    fn otlp_export_follows_the_flag_then_the_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let flag = Some(OtlpTarget::Flag("http://flag:4317".into()));
+        assert_eq!(otlp_target(None, env(&[])).unwrap(), None);
+        assert_eq!(
+            otlp_target(
+                Some("http://flag:4317"),
+                env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317")])
+            )
+            .unwrap(),
+            flag
+        );
+        assert_eq!(
+            otlp_target(
+                None,
+                env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317")])
+            )
+            .unwrap(),
+            Some(OtlpTarget::Env {
+                var: "OTEL_EXPORTER_OTLP_ENDPOINT",
+                endpoint: "http://env:4317".into()
+            })
+        );
+        assert_eq!(
+            otlp_target(
+                None,
+                env(&[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317"),
+                    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317"),
+                ])
+            )
+            .unwrap(),
+            Some(OtlpTarget::Env {
+                var: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                endpoint: "http://traces:4317".into()
+            })
+        );
+        // Empty means unset; the SDK switches and `none` turn the environment's export off.
+        assert_eq!(
+            otlp_target(None, env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")])).unwrap(),
+            None
+        );
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
+            let vars: &'static [_] = Box::leak(Box::new([
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317"),
+                off,
+            ]));
+            assert_eq!(otlp_target(None, env(vars)).unwrap(), None, "{off:?}");
+        }
+        // What this build cannot do is refused, not ignored.
+        let err = otlp_target(
+            None,
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf"),
+            "{err}"
+        );
+        assert!(
+            otlp_target(
+                Some("http://flag:4317"),
+                env(&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")])
+            )
+            .is_err()
+        );
+        assert!(
+            otlp_target(
+                None,
+                env(&[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317"),
+                    ("OTEL_TRACES_EXPORTER", "zipkin")
+                ])
+            )
+            .is_err()
+        );
+        // The signal-specific protocol wins over the general one.
+        assert!(
+            otlp_target(
+                None,
+                env(&[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4317"),
+                    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+                    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+                ])
+            )
+            .is_ok()
         );
     }
 
