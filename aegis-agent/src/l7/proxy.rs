@@ -852,7 +852,7 @@ enum Approved {
     /// An override token for this very request was spent: forward it.
     Pass(Redeemed),
     /// Filed (or already pending): answer with the approval id.
-    Wait(Approval),
+    Wait(Box<Approval>),
 }
 
 /// Spends the override token of an approved copy of `request` (presented in
@@ -908,15 +908,15 @@ async fn approve(
         })
         .map_err(Refusal::Approvals)?;
     let hold = approvals.settings().hold;
-    if !hold.is_zero() && approvals.wait(&approval.id, hold).await {
-        if let Some(redeemed) = approvals
+    if !hold.is_zero()
+        && approvals.wait(&approval.id, hold).await
+        && let Some(redeemed) = approvals
             .redeem(&conn.identity, &hash, None)
             .map_err(Refusal::Override)?
-        {
-            return Ok(Approved::Pass(redeemed));
-        }
+    {
+        return Ok(Approved::Pass(redeemed));
     }
-    Ok(Approved::Wait(approval))
+    Ok(Approved::Wait(Box::new(approval)))
 }
 
 /// Sends the request on the connection's upstream, opening it (TCP + TLS + HTTP handshake) on

@@ -180,10 +180,10 @@ impl UsageReader {
             if !rest.is_empty() && !self.overflow {
                 self.sse_line(&rest);
             }
-        } else if !self.overflow {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.buf) {
-                self.merge(&v);
-            }
+        } else if !self.overflow
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.buf)
+        {
+            self.merge(&v);
         }
         self.usage
     }
