@@ -761,9 +761,6 @@ fn agent_tokens_are_bound_to_the_workload_used_once_and_stripped() {
     }
 }
 
-/// `budget: {daily_usd: 5}` and reads priced at 1 USD: twelve concurrent calls, each on its own
-/// connection, spend exactly the budget (five pass, seven get 402 BudgetExceeded), and a
-/// restarted agent still knows the budget is spent.
 /// The finance policy with a budget of 5 USD a day and GETs priced at 1 USD.
 fn priced_policy() -> String {
     let priced = FINANCE_POLICY
@@ -821,6 +818,9 @@ fn budget_outcome(out: &str) -> (usize, usize) {
     )
 }
 
+/// `budget: {daily_usd: 5}` and reads priced at 1 USD: twelve concurrent calls, each on its own
+/// connection, spend exactly the budget (five pass, seven get 402 BudgetExceeded), and a
+/// restarted agent still knows the budget is spent.
 #[test]
 fn a_budget_is_never_overspent_by_concurrent_calls_and_survives_a_restart() {
     let mut w = world_with(|b| b.policy("finance.yaml", &priced_policy()));

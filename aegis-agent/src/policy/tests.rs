@@ -389,11 +389,12 @@ fn decisions_carry_version_mode_and_cost() {
         .unwrap();
     assert_eq!(d.verdict, L7Verdict::Deny);
     assert_eq!(d.would, None);
-    assert_eq!(d.policy_version, 2);
+    assert_eq!(d.policy_version, 3);
     assert_eq!(d.mode, Mode::Enforce);
     assert_eq!(d.tool.as_deref(), Some("openai-api"));
     assert_eq!(d.action.as_deref(), Some("chat_completions"));
-    assert_eq!(d.estimated_cost_usd, Some(0.002));
+    // Priced by tokens (`llm`): the enforcer reserves and settles; the decision has no price.
+    assert_eq!(d.estimated_cost_usd, None);
     assert_eq!(d.reason, "constraint_violated: model not in [gpt-4o-mini]");
 
     let mut shadow = request(
@@ -409,6 +410,35 @@ fn decisions_carry_version_mode_and_cost() {
         (d.verdict, d.would, d.mode),
         (L7Verdict::Allow, Some(L7Verdict::Deny), Mode::Shadow)
     );
+}
+
+#[test]
+fn a_fixed_price_is_the_decisions_cost_and_llm_pricing_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let priced = "agent: a\nversion: 1\negress:\n  - fqdn: api.test\n    inspect: true\ntools:\n  - name: t\n    host: api.test\n    budget: { daily_usd: 2, on_exceed: approval_needed }\n    rate_limit: { requests_per_second: 1 }\n    actions:\n      - name: x\n        method: GET\n        path: /x\n        price_usd: 0.25\n";
+    write(dir.path(), "a.yaml", priced);
+    let set = PolicySet::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let tool = &set.for_identity("a", "default").unwrap().tools[0];
+    assert_eq!(
+        tool.budget.map(|b| (b.daily_usd, b.on_exceed)),
+        Some((Some(2.0), OnExceed::ApprovalNeeded))
+    );
+    let engine = L7Engine::build_with_limit(&set, TEST_LIMIT).unwrap();
+    let d = engine
+        .decide(&request("a", "api.test", "GET", "/x", b""))
+        .unwrap();
+    assert_eq!(d.estimated_cost_usd, Some(0.25));
+    // Both a fixed and a token price, or a token price without models, are refused.
+    for bad in [
+        "        price_usd: 0.25\n        llm: { max_output_tokens: 10, models: { m: { input_usd_per_mtok: 1, output_usd_per_mtok: 1 } } }\n",
+        "        llm: { max_output_tokens: 10, models: {} }\n",
+        "        llm: { max_output_tokens: 10, models: { m: { input_usd_per_mtok: -1, output_usd_per_mtok: 1 } } }\n",
+    ] {
+        let text = priced.replace("        price_usd: 0.25\n", bad);
+        write(dir.path(), "a.yaml", &text);
+        let err = PolicySet::load_dir(dir.path()).expect_err(bad).to_string();
+        assert!(err.contains("a.yaml:") && err.contains("action x"), "{err}");
+    }
 }
 
 #[test]
