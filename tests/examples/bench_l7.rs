@@ -445,22 +445,7 @@ fn state_section(world: &mut World, dir: &Path, seconds: u32, files: (&str, &str
     let url = format!("https://{UPSTREAM}/bench");
     for backend in ["embedded", "redis"] {
         if backend == "redis" {
-            let ns = node.to_owned();
-            world.spawn_service(
-                &ns,
-                "redis",
-                &[
-                    "redis-server",
-                    "--port",
-                    &REDIS_PORT.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-            );
+            world.start_redis(REDIS_PORT);
             world.kill_agent();
             world.add_agent_args(&[
                 "--state-backend=redis".to_owned(),

@@ -636,6 +636,39 @@ impl World {
         }
     }
 
+    /// Starts a throwaway `redis-server` (no persistence) on `127.0.0.1:port` in the node
+    /// namespace and waits until it answers `PING`.
+    ///
+    /// # Panics
+    /// If it does not answer within 10 s.
+    pub fn start_redis(&mut self, port: u16) {
+        let (ns, port) = (self.node_ns(), port.to_string());
+        self.spawn_service(
+            &ns,
+            "redis",
+            &[
+                "redis-server",
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                self.node_exec(&["redis-cli", "-p", &port, "ping"])
+                    .stdout
+                    .starts_with(b"PONG")
+            }),
+            "redis-server did not start\n{}",
+            self.diagnostics()
+        );
+    }
+
     /// Appends arguments to `aegis-agent run` for the next start (for values known only once
     /// the world exists, such as paths in [`World::dir`]).
     pub fn add_agent_args<S: AsRef<str>>(&mut self, args: &[S]) {

@@ -835,36 +835,6 @@ fn a_budget_is_never_overspent_by_concurrent_calls_and_survives_a_restart() {
 /// Port of the test Redis in the node namespace.
 const REDIS_PORT: u16 = 16379;
 
-/// Starts `redis-server` in the node namespace of `w` and waits until it answers.
-fn start_redis(w: &mut World) {
-    let ns = w.node_ns();
-    w.spawn_service(
-        &ns,
-        "redis",
-        &[
-            "redis-server",
-            "--port",
-            &REDIS_PORT.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-    );
-    let port = REDIS_PORT.to_string();
-    assert!(
-        aegis_tests::world::wait_until(Duration::from_secs(10), || {
-            w.node_exec(&["redis-cli", "-p", &port, "ping"])
-                .stdout
-                .starts_with(b"PONG")
-        }),
-        "redis-server did not start\n{}",
-        w.diagnostics()
-    );
-}
-
 #[test]
 fn a_budget_in_redis_is_never_overspent_and_outlives_the_agent() {
     let redis_url = format!("--redis-url=redis://127.0.0.1:{REDIS_PORT}/0");
@@ -873,7 +843,7 @@ fn a_budget_in_redis_is_never_overspent_and_outlives_the_agent() {
             .agent_arg("--state-backend=redis")
             .agent_arg(&redis_url)
     });
-    start_redis(&mut w);
+    w.start_redis(REDIS_PORT);
     let out = concurrent_priced_calls(&w, 12);
     assert_eq!(budget_outcome(&out), (5, 7), "{out}");
     // The spend is in Redis, where every node reads it: integer micro-USD per period.
@@ -934,7 +904,7 @@ fn redis_down_fails_closed_by_default_and_open_when_configured() {
         "unpriced calls need no state"
     );
     // Redis comes up: charging works.
-    start_redis(&mut w);
+    w.start_redis(REDIS_PORT);
     let out = concurrent_priced_calls(&w, 1);
     assert_eq!(out.trim(), "200", "{out}");
     drop(w);
@@ -1082,6 +1052,16 @@ fn approvals_api(w: &World, method: &str, path: &str, token: Option<&str>) -> (S
     (status.to_owned(), body.to_owned())
 }
 
+/// Approves or denies (`verb`) approval `id` through the HTTP API as alice: (status, body).
+fn decide_by_api(w: &World, id: &str, verb: &str) -> (String, String) {
+    approvals_api(
+        w,
+        "POST",
+        &format!("/v1/approvals/{id}/{verb}"),
+        Some(APPROVER_TOKEN),
+    )
+}
+
 #[test]
 fn an_approved_call_passes_once_and_only_for_the_exact_request() {
     let (w, captured, _files) = approvals_world(&[]);
@@ -1183,22 +1163,12 @@ fn an_approved_call_passes_once_and_only_for_the_exact_request() {
 
     // Denied through the HTTP API, by alice.
     let other_id = other["approval_id"].as_str().unwrap().to_owned();
-    let (status, body) = approvals_api(
-        &w,
-        "POST",
-        &format!("/v1/approvals/{other_id}/deny"),
-        Some(APPROVER_TOKEN),
-    );
+    let (status, body) = decide_by_api(&w, &other_id, "deny");
     assert!(
         status == "200" && body.contains("\"state\":\"denied\""),
         "{status} {body}"
     );
-    let (status, _) = approvals_api(
-        &w,
-        "POST",
-        &format!("/v1/approvals/{other_id}/approve"),
-        Some(APPROVER_TOKEN),
-    );
+    let (status, _) = decide_by_api(&w, &other_id, "approve");
     assert_eq!(status, "409", "a decided approval cannot be decided again");
 
     // The audit log has the whole story, with the approvers, and still verifies.
@@ -1267,12 +1237,7 @@ fn a_held_request_goes_through_when_approved_meanwhile() {
         w.diagnostics()
     );
     let id = id.unwrap();
-    let (status, body_out) = approvals_api(
-        &w,
-        "POST",
-        &format!("/v1/approvals/{id}/approve"),
-        Some(APPROVER_TOKEN),
-    );
+    let (status, body_out) = decide_by_api(&w, &id, "approve");
     assert!(
         status == "200" && body_out.contains("override_token"),
         "{status} {body_out}"
@@ -1330,7 +1295,7 @@ fn llm_calls_reserve_their_bound_and_settle_to_streamed_usage_without_overspendi
             .agent_arg("--state-backend=redis")
             .agent_arg(&redis_url)
     });
-    start_redis(&mut w);
+    w.start_redis(REDIS_PORT);
     // 400 bytes, max_tokens 400: reserved 400 × 100 + 400 × 400 = 200,000 micro-USD; the fake
     // upstream reports 100 input and 100 output tokens: 50,000.
     let (reserved, actual) = (200_000u64, 50_000u64);
@@ -1516,12 +1481,7 @@ fn over_budget_calls_wait_for_a_human_when_the_budget_says_so() {
         "{v}"
     );
     let id = v["approval_id"].as_str().unwrap().to_owned();
-    let (status, out) = approvals_api(
-        &w,
-        "POST",
-        &format!("/v1/approvals/{id}/approve"),
-        Some(APPROVER_TOKEN),
-    );
+    let (status, out) = decide_by_api(&w, &id, "approve");
     assert_eq!(status, "200", "{out}");
     // The approved retry passes once, charged past the limit; the next one asks again.
     assert_eq!(charge().0, "200", "{}", w.diagnostics());

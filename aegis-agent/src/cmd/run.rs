@@ -652,9 +652,19 @@ impl Handler for Node {
     }
 
     fn approvals(&self) -> Reply {
-        self.approvals_reply()
+        Reply::Approvals {
+            pending: self.approvals.pending(),
+            approvals: self
+                .approvals
+                .list()
+                .iter()
+                .filter_map(|a| serde_json::to_value(a).ok())
+                .collect(),
+        }
     }
 
+    /// The approver recorded is the caller's uid (the socket is root-only; the HTTP API
+    /// names its approvers, see [`approval::api`]).
     fn decide_approval(
         &self,
         id: &str,
@@ -662,7 +672,14 @@ impl Handler for Node {
         reason: Option<&str>,
         uid: u32,
     ) -> Result<Reply, String> {
-        self.decide_approval_reply(id, approve, reason, uid)
+        let (approval, override_token) = self
+            .approvals
+            .decide(id, approve, &format!("uid:{uid}"), reason)
+            .map_err(|e| e.to_string())?;
+        Ok(Reply::ApprovalDecided {
+            approval: serde_json::to_value(&approval).map_err(|e| e.to_string())?,
+            override_token,
+        })
     }
 }
 
@@ -704,38 +721,6 @@ fn state_backend(args: &RunArgs) -> anyhow::Result<state::Backend> {
             }
         }
     })
-}
-
-/// The approvals' control-socket side (the HTTP API is [`approval::api`]).
-impl Node {
-    fn approvals_reply(&self) -> Reply {
-        Reply::Approvals {
-            pending: self.approvals.pending(),
-            approvals: self
-                .approvals
-                .list()
-                .iter()
-                .filter_map(|a| serde_json::to_value(a).ok())
-                .collect(),
-        }
-    }
-
-    fn decide_approval_reply(
-        &self,
-        id: &str,
-        approve: bool,
-        reason: Option<&str>,
-        uid: u32,
-    ) -> Result<Reply, String> {
-        let (approval, override_token) = self
-            .approvals
-            .decide(id, approve, &format!("uid:{uid}"), reason)
-            .map_err(|e| e.to_string())?;
-        Ok(Reply::ApprovalDecided {
-            approval: serde_json::to_value(&approval).map_err(|e| e.to_string())?,
-            override_token,
-        })
-    }
 }
 
 /// The audit record of a kill switch change.

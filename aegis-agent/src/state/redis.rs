@@ -392,7 +392,10 @@ mod tests {
             .as_secs()
             + 60;
         assert!(a.first_use("jti-1", exp).unwrap());
-        assert!(!b.first_use("jti-1", exp).unwrap(), "replayed on the other node");
+        assert!(
+            !b.first_use("jti-1", exp).unwrap(),
+            "replayed on the other node"
+        );
         assert!(b.first_use("jti-2", exp).unwrap());
         drop(redis);
         let who = "support-agent@default";
