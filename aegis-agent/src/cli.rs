@@ -251,6 +251,10 @@ pub struct RunArgs {
     /// `<path>.pub` on first start.
     #[arg(long, default_value = "/var/lib/aegis/approval.key")]
     pub approval_key: PathBuf,
+    /// Where approvals are kept across restarts (redb, mode 0600: holds unspent override
+    /// tokens).
+    #[arg(long, default_value = "/var/lib/aegis/approvals.redb")]
+    pub approvals_db: PathBuf,
     /// Seconds an approval request waits for a human before it expires.
     #[arg(long, default_value_t = 3600)]
     pub approval_ttl: u64,

@@ -1064,7 +1064,7 @@ fn decide_by_api(w: &World, id: &str, verb: &str) -> (String, String) {
 
 #[test]
 fn an_approved_call_passes_once_and_only_for_the_exact_request() {
-    let (w, captured, _files) = approvals_world(&[]);
+    let (mut w, captured, _files) = approvals_world(&[]);
     // Over 5,000: held for a human; a retry before the decision gets the same approval.
     let (status, v) = pay(&w, 9000, &[]);
     assert_eq!(status, "403", "{v}");
@@ -1131,6 +1131,9 @@ fn an_approved_call_passes_once_and_only_for_the_exact_request() {
         .find_map(|l| l.strip_prefix("override_token: "))
         .expect("the override token is printed")
         .to_owned();
+    // The approval outlives the agent (kill -9 and restart, as in a crash or an upgrade).
+    w.kill_agent();
+    w.start_agent();
     // ... another body is another request: it needs its own approval.
     let (status, other) = pay(&w, 9001, &[]);
     assert_eq!(

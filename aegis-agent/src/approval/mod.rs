@@ -14,10 +14,12 @@
 //! then spent: the retry passes once. A token can also be presented in a header (e.g. handed to
 //! an operator); a second use, another body, another identity or an expired token is refused.
 //!
-//! Approvals live in memory: an agent restart forgets pending approvals (the workload's retry
-//! then files a new one).
+//! Approvals are kept in memory and written through to disk ([`store`]) when a store is
+//! given: a restarted or upgraded agent keeps pending approvals and unspent tokens, and never
+//! accepts a spent token again.
 
 pub mod api;
+pub mod store;
 pub mod webhook;
 
 use std::{
@@ -141,6 +143,8 @@ pub enum OverrideError {
     RequestMismatch,
     #[error("override token names approval {0}, which is not approved")]
     NotApproved(String),
+    #[error("recording the token's use failed (refused: fail closed): {0}")]
+    Store(String),
 }
 
 impl OverrideError {
@@ -152,6 +156,7 @@ impl OverrideError {
             OverrideError::WrongIdentity { .. } => "override_wrong_identity",
             OverrideError::RequestMismatch => "override_request_mismatch",
             OverrideError::NotApproved(_) => "override_not_approved",
+            OverrideError::Store(_) => "approvals_unavailable",
         }
     }
 }
@@ -191,6 +196,7 @@ pub struct Approvals {
     decided: tokio::sync::watch::Sender<u64>,
     audit: AuditLog,
     webhook: Option<webhook::Webhook>,
+    store: Option<store::ApprovalStore>,
 }
 
 fn now() -> u64 {
@@ -276,22 +282,42 @@ pub fn load_key(path: &Path) -> anyhow::Result<(EncodingKey, DecodingKey)> {
 
 impl Approvals {
     /// Approvals signing override tokens with `keys` ([`load_key`]), recording to `audit`,
-    /// announcing through `webhook` when set.
+    /// announcing through `webhook` when set, kept in `store` when given (loaded from it).
+    ///
+    /// # Errors
+    /// The store cannot be read.
     pub fn new(
         settings: Settings,
         keys: (EncodingKey, DecodingKey),
         audit: AuditLog,
         webhook: Option<webhook::Webhook>,
-    ) -> Approvals {
-        Approvals {
+        store: Option<store::ApprovalStore>,
+    ) -> Result<Approvals, String> {
+        let loaded = match &store {
+            Some(s) => s.load()?,
+            None => HashMap::new(),
+        };
+        publish_pending(&loaded);
+        Ok(Approvals {
             settings,
             encoding: keys.0,
             decoding: keys.1,
-            inner: Mutex::new(HashMap::new()),
+            inner: Mutex::new(loaded),
             decided: tokio::sync::watch::channel(0).0,
             audit,
             webhook,
-        }
+            store,
+        })
+    }
+
+    /// Writes the `changed` approvals through to the store; a failure is logged and returned.
+    fn persist(&self, all: &HashMap<String, Approval>, changed: &[String]) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        store.sync(all, changed).inspect_err(|e| {
+            tracing::error!(target: "aegis::approval", error = %e, "writing approvals to disk failed");
+        })
     }
 
     /// The settings in force.
@@ -311,7 +337,7 @@ impl Approvals {
     pub fn request(&self, new: NewApproval<'_>) -> Result<Approval, String> {
         let t = now();
         let mut all = self.lock();
-        expire(&mut all, t);
+        let mut changed = expire(&mut all, t);
         if let Some(pending) = all.values().find(|a| {
             a.state == State::Pending
                 && a.request_hash == new.request_hash
@@ -329,6 +355,7 @@ impl Approvals {
             decided.sort();
             for (_, id) in decided.iter().take(all.len() + 1 - MAX_APPROVALS) {
                 all.remove(id);
+                changed.push(id.clone());
             }
             if all.len() >= MAX_APPROVALS {
                 return Err(format!("{MAX_APPROVALS} approvals pending; refusing more"));
@@ -352,6 +379,9 @@ impl Approvals {
             token_exp: 0,
         };
         all.insert(approval.id.clone(), approval.clone());
+        changed.push(approval.id.clone());
+        // Not durable when the write fails (logged), but the request is still held: fail closed.
+        let _ = self.persist(&all, &changed);
         publish_pending(&all);
         drop(all);
         self.audit.append(&AuditRecord {
@@ -368,7 +398,8 @@ impl Approvals {
     /// Every approval not yet dropped, newest first (tokens are never listed).
     pub fn list(&self) -> Vec<Approval> {
         let mut all = self.lock();
-        expire(&mut all, now());
+        let changed = expire(&mut all, now());
+        let _ = self.persist(&all, &changed);
         let mut out: Vec<Approval> = all.values().cloned().collect();
         out.sort_by(|a, b| b.created.cmp(&a.created).then(a.id.cmp(&b.id)));
         out
@@ -377,7 +408,8 @@ impl Approvals {
     /// Approvals still waiting for a human.
     pub fn pending(&self) -> usize {
         let mut all = self.lock();
-        expire(&mut all, now());
+        let changed = expire(&mut all, now());
+        let _ = self.persist(&all, &changed);
         publish_pending(&all);
         all.values().filter(|a| a.state == State::Pending).count()
     }
@@ -396,7 +428,7 @@ impl Approvals {
     ) -> Result<(Approval, Option<String>), DecideError> {
         let t = now();
         let mut all = self.lock();
-        expire(&mut all, t);
+        let mut changed = expire(&mut all, t);
         let Some(approval) = all.get_mut(id) else {
             return Err(DecideError::NotFound(id.to_owned()));
         };
@@ -436,12 +468,18 @@ impl Approvals {
             None
         };
         let approval = approval.clone();
+        changed.push(approval.id.clone());
+        let _ = self.persist(&all, &changed);
         publish_pending(&all);
         drop(all);
         self.audit.append(&AuditRecord {
             kind: "approval_decided",
             approval: &approval,
         });
+        // On disk before the approver is told it is done.
+        if !self.audit.sync() {
+            tracing::error!(target: "aegis::approval", approval_id = %approval.id, "the audit log did not confirm the decision within 2 s");
+        }
         tracing::info!(target: crate::telemetry::EVENT_TARGET, kind = "approval_decided", approval_id = %approval.id, outcome = state_name(&approval.state), by, "approval decided");
         self.decided.send_modify(|n| *n = n.wrapping_add(1));
         Ok((approval, token))
@@ -462,7 +500,7 @@ impl Approvals {
     ) -> Result<Option<Redeemed>, OverrideError> {
         let mut all = self.lock();
         let t = now();
-        expire(&mut all, t);
+        let mut changed = expire(&mut all, t);
         let token = match presented {
             Some(token) => token.to_owned(),
             None => {
@@ -508,6 +546,9 @@ impl Approvals {
         };
         approval.token = None;
         let approval = approval.clone();
+        changed.push(approval.id.clone());
+        // The use is on disk before the call goes out: a restart never accepts it again.
+        self.persist(&all, &changed).map_err(OverrideError::Store)?;
         drop(all);
         self.audit.append(&AuditRecord {
             kind: "approval_used",
@@ -548,16 +589,25 @@ fn publish_pending(all: &HashMap<String, Approval>) {
 }
 
 /// Marks pending approvals and unspent override tokens past their expiry as expired, and
-/// drops approvals decided over a day ago.
-fn expire(all: &mut HashMap<String, Approval>, t: u64) {
+/// drops approvals decided over a day ago; returns the ids changed or dropped.
+fn expire(all: &mut HashMap<String, Approval>, t: u64) -> Vec<String> {
+    let mut changed = Vec::new();
     for a in all.values_mut() {
         let token_gone = a.token.is_some() && a.token_exp <= t;
         if (a.state == State::Pending && a.expires <= t) || token_gone {
             a.state = State::Expired;
             a.token = None;
+            changed.push(a.id.clone());
         }
     }
-    all.retain(|_, a| a.state == State::Pending || a.token.is_some() || a.expires + 86_400 > t);
+    all.retain(|id, a| {
+        let keep = a.state == State::Pending || a.token.is_some() || a.expires + 86_400 > t;
+        if !keep {
+            changed.push(id.clone());
+        }
+        keep
+    });
+    changed
 }
 
 fn state_name(s: &State) -> &'static str {

@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 
 use super::*;
 use crate::audit::chain::AuditKey;
@@ -20,7 +20,7 @@ fn fixture(token_ttl: Duration) -> Fixture {
         hold: Duration::ZERO,
     };
     Fixture {
-        approvals: Approvals::new(settings, keys, audit, None),
+        approvals: Approvals::new(settings, keys, audit, None, None).unwrap(),
         audit_path,
         _dir: dir,
     }
@@ -229,4 +229,56 @@ fn webhook_payloads_carry_the_approval() {
     }
     assert!(slack.contains("\"blocks\""));
     assert!(teams.contains("MessageCard"));
+}
+
+#[test]
+fn approvals_and_spent_tokens_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("approval.key");
+    let db = dir.path().join("approvals.redb");
+    let open = || {
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), AuditKey::generate()).unwrap();
+        let settings = Settings {
+            ttl: Duration::from_secs(3600),
+            token_ttl: Duration::from_secs(60),
+            hold: Duration::ZERO,
+        };
+        let store = store::ApprovalStore::open(&db).unwrap();
+        Approvals::new(
+            settings,
+            load_key(&key_path).unwrap(),
+            audit,
+            None,
+            Some(store),
+        )
+        .unwrap()
+    };
+    let me = Identity::new("finance-agent", None).unwrap();
+    let approvals = open();
+    let pending = file(&approvals, &me, "p");
+    let approved = file(&approvals, &me, "a");
+    let spent = file(&approvals, &me, "s");
+    approvals.decide(&approved.id, true, "uid:0", None).unwrap();
+    let (_, token) = approvals.decide(&spent.id, true, "uid:0", None).unwrap();
+    assert!(approvals.redeem(&me, "s", None).unwrap().is_some());
+    drop(approvals);
+
+    let approvals = open();
+    assert_eq!(approvals.pending(), 1);
+    assert_eq!(
+        file(&approvals, &me, "p").id,
+        pending.id,
+        "still pending, same id"
+    );
+    let redeemed = approvals
+        .redeem(&me, "a", None)
+        .unwrap()
+        .expect("approved before");
+    assert_eq!(redeemed.approval_id, approved.id);
+    assert_eq!(
+        approvals.redeem(&me, "s", Some(&token.unwrap())),
+        Err(OverrideError::Used(spent.id.clone())),
+        "a token spent before the restart stays spent"
+    );
+    assert!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o077 == 0);
 }

@@ -50,10 +50,21 @@ pub struct AuditError {
     message: String,
 }
 
+/// Longest [`AuditLog::sync`] waits for the writer.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the writer thread receives.
+enum Msg {
+    /// A record's JSON body.
+    Record(String),
+    /// Sign and sync what is written, then acknowledge.
+    Sync(mpsc::Sender<()>),
+}
+
 /// Handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: SyncSender<String>,
+    tx: SyncSender<Msg>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -84,7 +95,7 @@ impl AuditLog {
             // cut line stays, and `audit verify` names it).
             out.write_all(b"\n").map_err(err)?;
         }
-        let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
+        let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let path = path.to_owned();
         let writer_dropped = dropped.clone();
@@ -120,12 +131,20 @@ impl AuditLog {
                 return;
             }
         };
-        match self.tx.try_send(body) {
+        match self.tx.try_send(Msg::Record(body)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Blocks until every record appended before is signed and on disk (for decisions a human
+    /// is told about: an approval, a kill switch). False when the writer did not confirm within
+    /// 2 s (the records stay queued).
+    pub fn sync(&self) -> bool {
+        let (ack, done) = mpsc::channel();
+        self.tx.send(Msg::Sync(ack)).is_ok() && done.recv_timeout(SYNC_TIMEOUT).is_ok()
     }
 }
 
@@ -138,7 +157,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(&mut self, rx: &mpsc::Receiver<String>, dropped: &AtomicU64) {
+    fn run(&mut self, rx: &mpsc::Receiver<Msg>, dropped: &AtomicU64) {
         let mut pending = 0usize;
         let mut reported_drops = 0u64;
         loop {
@@ -147,8 +166,10 @@ impl Writer {
             } else {
                 Duration::from_secs(3600)
             };
+            let mut ack = None;
             match rx.recv_timeout(timeout) {
-                Ok(body) => {
+                Ok(Msg::Sync(to)) => ack = Some(to),
+                Ok(Msg::Record(body)) => {
                     let line = self
                         .chain
                         .next_line(&humantime_rfc3339(SystemTime::now()), &body);
@@ -166,8 +187,13 @@ impl Writer {
                     return;
                 }
             }
-            self.sign_and_sync();
+            if pending > 0 {
+                self.sign_and_sync();
+            }
             pending = 0;
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
             let drops = dropped.load(Ordering::Relaxed);
             if drops > reported_drops {
                 tracing::warn!(target: "aegis::audit", dropped = drops - reported_drops, "audit records dropped: the writer fell behind");

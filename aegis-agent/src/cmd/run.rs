@@ -91,22 +91,28 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let ca = NodeCa::load_or_create(&args.ca_cert, &args.ca_key)?;
     let audit = AuditLog::open(&args.audit_log, AuditKey::load_or_create(&args.audit_key)?)?;
     let upstream_roots = upstream_roots(args.upstream_ca.as_deref())?;
-    let approvals = Arc::new(Approvals::new(
-        approval::Settings {
-            ttl: Duration::from_secs(args.approval_ttl),
-            token_ttl: Duration::from_secs(args.approval_token_ttl),
-            hold: Duration::from_secs(args.approval_hold),
-        },
-        approval::load_key(&args.approval_key)?,
-        audit.clone(),
-        match &args.approval_webhook {
-            None => None,
-            Some(url) => Some(
-                Webhook::start(url, args.approval_webhook_format, upstream_roots.clone())
-                    .map_err(|e| anyhow!("--approval-webhook: {e}"))?,
-            ),
-        },
-    ));
+    let approvals_store = approval::store::ApprovalStore::open(&args.approvals_db)
+        .map_err(|e| anyhow!("--approvals-db: {e}"))?;
+    let approvals = Arc::new(
+        Approvals::new(
+            approval::Settings {
+                ttl: Duration::from_secs(args.approval_ttl),
+                token_ttl: Duration::from_secs(args.approval_token_ttl),
+                hold: Duration::from_secs(args.approval_hold),
+            },
+            approval::load_key(&args.approval_key)?,
+            audit.clone(),
+            match &args.approval_webhook {
+                None => None,
+                Some(url) => Some(
+                    Webhook::start(url, args.approval_webhook_format, upstream_roots.clone())
+                        .map_err(|e| anyhow!("--approval-webhook: {e}"))?,
+                ),
+            },
+            Some(approvals_store),
+        )
+        .map_err(|e| anyhow!("--approvals-db: {e}"))?,
+    );
     if let Some(path) = &args.approvers {
         let approvers = approval::api::load_approvers(path)?;
         let listener = tokio::net::TcpListener::bind(args.approvals_listen)
