@@ -7,7 +7,10 @@
 //! fails upstream is refunded). State lives behind [`BudgetStore`]; the embedded backend is
 //! redb, durable across agent restarts (each charge is one committed, fsync'd transaction).
 
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    sync::{Mutex, OnceLock},
+};
 
 use chrono::{DateTime, Utc};
 use redb::{Database, ReadableTable as _, TableDefinition};
@@ -98,9 +101,13 @@ pub trait BudgetStore: Send + Sync {
     fn spent(&self, period: &Period) -> Result<u64, BudgetError>;
 }
 
-/// The embedded, durable store (redb).
+/// The embedded, durable store (redb). redb allows one process at a time: while a
+/// predecessor agent still holds the file (an upgrade's overlap), the store opens on the first
+/// call after it let go, and calls before fail as a store failure (`--state-unavailable`).
 pub struct RedbStore {
-    db: Database,
+    path: PathBuf,
+    db: OnceLock<Database>,
+    opening: Mutex<()>,
 }
 
 fn store_err(e: impl std::fmt::Display) -> BudgetError {
@@ -116,9 +123,35 @@ impl RedbStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(store_err)?;
         }
-        let db = Database::create(path)
-            .map_err(|e| BudgetError::Store(format!("{}: {e}", path.display())))?;
-        Ok(RedbStore { db })
+        let store = RedbStore {
+            path: path.to_owned(),
+            db: OnceLock::new(),
+            opening: Mutex::new(()),
+        };
+        match Database::create(path) {
+            Ok(db) => {
+                let _ = store.db.set(db);
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                tracing::warn!(target: "aegis::agent", path = %path.display(), "budget store held by the previous agent process; it opens once that process exits");
+            }
+            Err(e) => return Err(BudgetError::Store(format!("{}: {e}", path.display()))),
+        }
+        Ok(store)
+    }
+
+    /// The database, opening it if a predecessor held it so far.
+    fn db(&self) -> Result<&Database, BudgetError> {
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        let _opening = self.opening.lock().map_err(store_err)?;
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        let db = Database::create(&self.path)
+            .map_err(|e| BudgetError::Store(format!("{}: {e}", self.path.display())))?;
+        Ok(self.db.get_or_init(|| db))
     }
 
     fn update(
@@ -126,7 +159,7 @@ impl RedbStore {
         periods: &[Period],
         f: impl Fn(u64, &Period) -> Result<u64, BudgetError>,
     ) -> Result<(), BudgetError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
+        let txn = self.db()?.begin_write().map_err(store_err)?;
         {
             let mut table = txn.open_table(SPENT).map_err(store_err)?;
             let mut next = Vec::with_capacity(periods.len());
@@ -173,7 +206,7 @@ impl BudgetStore for RedbStore {
 
     #[cfg(test)]
     fn spent(&self, period: &Period) -> Result<u64, BudgetError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let txn = self.db()?.begin_read().map_err(store_err)?;
         let table = match txn.open_table(SPENT) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),

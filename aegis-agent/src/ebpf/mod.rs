@@ -294,6 +294,11 @@ impl Datapath {
     }
 
     /// Writes the node configuration.
+    /// The node configuration in the kernel (an earlier agent's, before this one writes it).
+    pub fn config(&self) -> Option<NodeConfig> {
+        self.config.get(&0, 0).ok()
+    }
+
     pub fn set_config(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
         self.config.set(0, config, 0).map_err(map_err(MAP_CONFIG))
     }

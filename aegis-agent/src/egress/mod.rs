@@ -100,6 +100,10 @@ pub struct Enforcer {
     ports: HashMap<u32, u16>,
     names: HashMap<u32, Identity>,
     level_mask: u32,
+    /// cgroup levels an earlier agent's identities sit at, kept in the mask until start-up
+    /// has re-registered (or dropped) them all ([`Enforcer::adoption_done`]): a level missing
+    /// from the mask would let a pod's containers out unenforced.
+    adopted_levels: u32,
     kill: Arc<KillSwitch>,
 }
 
@@ -124,6 +128,7 @@ impl Enforcer {
             .into_iter()
             .map(|(_, v)| (v.identity, v.dns_port))
             .collect();
+        let adopted_levels = datapath.config().map_or(0, |c| c.level_mask);
         let mut enforcer = Enforcer {
             datapath,
             settings,
@@ -131,7 +136,8 @@ impl Enforcer {
             cgroups: HashMap::new(),
             ports,
             names: HashMap::new(),
-            level_mask: 0,
+            level_mask: adopted_levels,
+            adopted_levels,
             kill,
         };
         enforcer.write_config()?;
@@ -263,11 +269,23 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Start-up has registered every cgroup it will: the level mask now follows the
+    /// registered cgroups alone.
+    ///
+    /// # Errors
+    /// The configuration map cannot be written.
+    pub fn adoption_done(&mut self) -> Result<(), EnforcerError> {
+        self.adopted_levels = 0;
+        self.update_levels()
+    }
+
     fn update_levels(&mut self) -> Result<(), EnforcerError> {
         let mask = self
             .cgroups
             .values()
-            .fold(0u32, |m, r| m | 1u32.checked_shl(r.level).unwrap_or(0));
+            .fold(self.adopted_levels, |m, r| {
+                m | 1u32.checked_shl(r.level).unwrap_or(0)
+            });
         if mask != self.level_mask {
             self.level_mask = mask;
             self.write_config()?;
