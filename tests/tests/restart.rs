@@ -201,7 +201,7 @@ fn log_lines(w: &World, text: &str) -> Vec<Value> {
     w.agent_log()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"].as_str().is_some_and(|m| m.contains(text)))
+        .filter(|v| v["message"].as_str().is_some_and(|m| m.contains(text)))
         .collect()
 }
 
@@ -303,7 +303,7 @@ fn upgrades_lose_no_query_and_no_connection() {
     let taking = log_lines(&w, "taking over from the running agent");
     assert_eq!(taking.len(), 2, "{what}");
     assert!(
-        taking.iter().all(|l| l["fields"]["sockets"].as_u64() >= Some(4)),
+        taking.iter().all(|l| l["sockets"].as_u64() >= Some(4)),
         "{taking:?}"
     );
     assert_eq!(log_lines(&w, "handed over: the new agent serves").len(), 2, "{what}");
