@@ -266,4 +266,23 @@ mod tests {
         );
         assert!(store.charge(&tomorrow, micros(1.0)).is_ok());
     }
+
+    /// A second process's store (an upgrade's new agent) opens while the first holds the file,
+    /// fails calls as a store failure meanwhile, and works once the first lets go.
+    #[test]
+    fn a_store_held_elsewhere_opens_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let periods = periods("a@t", Some(1.0), None, Utc::now());
+        let old = RedbStore::open(&path).unwrap();
+        old.charge(&periods, 10).unwrap();
+        let new = RedbStore::open(&path).unwrap();
+        assert!(matches!(
+            new.charge(&periods, 10),
+            Err(BudgetError::Store(_))
+        ));
+        drop(old);
+        new.charge(&periods, 10).unwrap();
+        assert_eq!(new.spent(&periods[0]).unwrap(), 20);
+    }
 }

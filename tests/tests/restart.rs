@@ -248,7 +248,10 @@ fn upgrades_lose_no_query_and_no_connection() {
     w.upgrade_agent();
     std::thread::sleep(Duration::from_secs(2));
     let (status2, _) = w.retire_agent(Duration::from_secs(40));
-    assert!(status2.success(), "old agent {second} exited with {status2}");
+    assert!(
+        status2.success(),
+        "old agent {second} exited with {status2}"
+    );
     std::thread::sleep(Duration::from_secs(3));
 
     std::fs::write(&stop, b"").expect("write the stop file");
@@ -256,8 +259,8 @@ fn upgrades_lose_no_query_and_no_connection() {
         .recv_timeout(Duration::from_secs(40))
         .unwrap_or_else(|e| panic!("no summary from the client loop: {e}"));
     let _ = client.wait();
-    let summary: Value = serde_json::from_str(&summary)
-        .unwrap_or_else(|e| panic!("summary {summary:?}: {e}"));
+    let summary: Value =
+        serde_json::from_str(&summary).unwrap_or_else(|e| panic!("summary {summary:?}: {e}"));
     eprintln!("client loop across two upgrades: {summary}");
     let what = format!(
         "{summary:#}\nfirst agent drained in {took:?}\n{}",
@@ -306,8 +309,15 @@ fn upgrades_lose_no_query_and_no_connection() {
         taking.iter().all(|l| l["sockets"].as_u64() >= Some(4)),
         "{taking:?}"
     );
-    assert_eq!(log_lines(&w, "handed over: the new agent serves").len(), 2, "{what}");
+    assert_eq!(
+        log_lines(&w, "handed over: the new agent serves").len(),
+        2,
+        "{what}"
+    );
     assert!(log_lines(&w, "drain timeout").is_empty(), "{what}");
+    // Three processes appended to one audit log, two of them at once: still one valid chain.
+    let (valid, report) = w.verify_audit(&w.audit_log());
+    assert!(valid, "audit log after the upgrades: {report}");
 }
 
 /// A workload driven one line at a time (`resolve NAME` or `connect IP`), printing one
@@ -368,7 +378,11 @@ fn sigterm_stops_without_detaching_and_a_restart_adopts() {
     // Stopped: the links are still pinned and the kernel enforces with the pinned maps.
     let links = w.bpffs_dir().join("links");
     let pinned = std::fs::read_dir(&links).map_or(0, |d| d.count());
-    assert!(pinned >= 1, "no pinned links left under {}", links.display());
+    assert!(
+        pinned >= 1,
+        "no pinned links left under {}",
+        links.display()
+    );
     assert_eq!(
         op(&w, format!("connect {allowed}")),
         "hello from allowed",

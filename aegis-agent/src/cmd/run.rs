@@ -17,9 +17,9 @@ use std::{
     collections::HashSet,
     fs,
     net::{IpAddr, SocketAddr},
+    os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     process::ExitCode,
-    os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     sync::{
         Arc, Mutex, RwLock, RwLockReadGuard,
         atomic::{AtomicBool, Ordering},

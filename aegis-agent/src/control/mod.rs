@@ -113,7 +113,10 @@ pub enum Reply {
     },
     /// Hand-over accepted: `sockets` descriptors follow (see the module docs); `pid` is the
     /// running agent's.
-    Handover { sockets: usize, pid: u32 },
+    Handover {
+        sockets: usize,
+        pid: u32,
+    },
     /// The running agent stopped serving the handed-over sockets.
     HandedOver,
     Error {
@@ -380,12 +383,18 @@ fn write_line(mut stream: &StdUnixStream, value: &impl Serialize) -> io::Result<
 fn send_fds(stream: &StdUnixStream, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
     for chunk in fds.chunks(FDS_PER_MESSAGE) {
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
+        let mut space =
+            [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !control.push(SendAncillaryMessage::ScmRights(chunk)) {
             return Err(io::Error::other("SCM_RIGHTS buffer too small"));
         }
-        let sent = sendmsg(stream, &[io::IoSlice::new(b"F")], &mut control, SendFlags::NOSIGNAL)?;
+        let sent = sendmsg(
+            stream,
+            &[io::IoSlice::new(b"F")],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
         if sent != 1 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -657,5 +666,96 @@ mod tests {
         .await
         .unwrap();
         assert!(reply.contains("bad request"), "{reply}");
+    }
+
+    /// Hands over one UDP socket; records how the hand-over ended.
+    struct Handing {
+        socket: std::net::UdpSocket,
+        ended: std::sync::Mutex<Vec<bool>>,
+    }
+
+    impl Handler for Handing {
+        fn exec(&self, _: u32, _: &str, _: Option<&str>) -> Result<Reply, String> {
+            Err("not here".into())
+        }
+        fn status(&self) -> Reply {
+            Fake.status()
+        }
+        fn kill_switch(
+            &self,
+            _: bool,
+            _: Option<&str>,
+            _: u32,
+            _: Option<u32>,
+        ) -> Result<Reply, String> {
+            Err("not here".into())
+        }
+        fn approvals(&self) -> Reply {
+            Fake.approvals()
+        }
+        fn decide_approval(
+            &self,
+            _: &str,
+            _: bool,
+            _: Option<&str>,
+            _: u32,
+        ) -> Result<Reply, String> {
+            Err("not here".into())
+        }
+        fn handover(&self, _uid: u32) -> Result<Vec<OwnedFd>, String> {
+            Ok(vec![OwnedFd::from(
+                self.socket.try_clone().map_err(|e| e.to_string())?,
+            )])
+        }
+        fn handover_end(&self, committed: bool) {
+            self.ended.lock().unwrap().push(committed);
+        }
+    }
+
+    /// The successor receives the very socket (a datagram queued on it before the hand-over
+    /// is read through the passed descriptor); commit and abort reach the handler.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn handover_passes_the_sockets_and_ends_with_commit_or_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let handler = Arc::new(Handing {
+            socket,
+            ended: std::sync::Mutex::new(Vec::new()),
+        });
+        tokio::spawn(serve(bind(&path).unwrap(), handler.clone()));
+        let p = path.clone();
+        let received = tokio::task::spawn_blocking(move || {
+            let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            client.send_to(b"queued", addr).unwrap();
+            let mut predecessor = take_over(&p).unwrap().expect("an agent answers");
+            assert_eq!(predecessor.pid, std::process::id());
+            let fd = predecessor.fds.pop().expect("one socket");
+            let inherited = std::net::UdpSocket::from(fd);
+            assert_eq!(inherited.local_addr().unwrap(), addr);
+            let mut buf = [0u8; 16];
+            let (n, _) = inherited.recv_from(&mut buf).unwrap();
+            predecessor.commit().unwrap();
+            // A second successor gives up half-way: the hand-over is aborted.
+            drop(take_over(&p).unwrap());
+            buf[..n].to_vec()
+        })
+        .await
+        .unwrap();
+        assert_eq!(received, b"queued");
+        for _ in 0..100 {
+            if handler.ended.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*handler.ended.lock().unwrap(), vec![true, false]);
+    }
+
+    #[test]
+    fn no_agent_means_nothing_to_take_over() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(take_over(&dir.path().join("none.sock")).unwrap().is_none());
     }
 }

@@ -280,12 +280,9 @@ impl Enforcer {
     }
 
     fn update_levels(&mut self) -> Result<(), EnforcerError> {
-        let mask = self
-            .cgroups
-            .values()
-            .fold(self.adopted_levels, |m, r| {
-                m | 1u32.checked_shl(r.level).unwrap_or(0)
-            });
+        let mask = self.cgroups.values().fold(self.adopted_levels, |m, r| {
+            m | 1u32.checked_shl(r.level).unwrap_or(0)
+        });
         if mask != self.level_mask {
             self.level_mask = mask;
             self.write_config()?;

@@ -238,11 +238,13 @@ fn describe(socket: &Socket) -> io::Result<Option<(Type, SocketAddr)>> {
     if addr.port() == 0 {
         return Ok(None);
     }
-    Ok(if ty == Type::DGRAM || (ty == Type::STREAM && socket.is_listener()?) {
-        Some((ty, addr))
-    } else {
-        None
-    })
+    Ok(
+        if ty == Type::DGRAM || (ty == Type::STREAM && socket.is_listener()?) {
+            Some((ty, addr))
+        } else {
+            None
+        },
+    )
 }
 
 #[cfg(test)]
