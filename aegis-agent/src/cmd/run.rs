@@ -247,7 +247,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         let pid = p.pid;
         match p.commit() {
             Ok(()) => {
-                tracing::info!(target: "aegis::agent", pid, "the previous agent handed over; it drains and exits on SIGTERM")
+                tracing::info!(target: "aegis::agent", pid, "the previous agent handed over; it drains and exits on SIGTERM");
+                // What it learned between our adoption and the commit (answers in flight
+                // after the commit come with the next resync).
+                node.enforcer().readopt_learned();
             }
             Err(e) => {
                 tracing::warn!(target: "aegis::agent", pid, error = %e, "the previous agent did not confirm the hand-over (its sockets are served here)")
@@ -838,6 +841,7 @@ async fn housekeeping(node: Arc<Node>) {
             }
             node.collect_exec_cgroups();
             if resync {
+                node.enforcer().readopt_learned();
                 node.sync_identities();
             }
         })

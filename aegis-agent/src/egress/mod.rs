@@ -390,11 +390,31 @@ impl Enforcer {
         Ok(added)
     }
 
+    /// Adopts learned addresses another agent process wrote to the kernel (a predecessor
+    /// answering the queries it read before the hand-over): this process then expires them,
+    /// and never deletes an address before the expiry the kernel has for it.
+    pub fn readopt_learned(&mut self) {
+        for (identity, addr, value) in self.datapath.learned() {
+            self.learned.adopt(identity, addr, &value);
+        }
+    }
+
     /// Deletes learned addresses whose TTL ran out more than [`EXPIRED_RETENTION`] ago (the
     /// kernel refuses them from the moment they expire; this frees the map entries).
     pub fn expire(&mut self) -> Result<(), EnforcerError> {
         let retain = u64::try_from(EXPIRED_RETENTION.as_nanos()).unwrap_or(u64::MAX);
-        let changes = self.learned.expire(ebpf::boot_time_ns(), retain);
+        let now = ebpf::boot_time_ns();
+        let mut changes = self.learned.expire(now, retain);
+        // Another agent process (a predecessor during an upgrade) may have extended it.
+        changes.removed.retain(|(identity, addr)| {
+            match self.datapath.learned_value(*identity, *addr) {
+                Some(v) if v.expires_ns.saturating_add(retain) > now => {
+                    self.learned.adopt(*identity, *addr, &v);
+                    false
+                }
+                _ => true,
+            }
+        });
         self.apply_learned(changes)
     }
 

@@ -167,7 +167,7 @@ impl Listeners {
     pub fn hand_over(&self) -> io::Result<Vec<OwnedFd>> {
         let open = self.inner.open.lock().expect("lock poisoned");
         open.iter()
-            .map(|s| Ok(s.as_fd().try_clone_to_owned()?))
+            .map(|s| s.as_fd().try_clone_to_owned())
             .collect()
     }
 
