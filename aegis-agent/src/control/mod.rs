@@ -39,8 +39,9 @@ pub const HANDING_OVER: &str = "the agent is handing over to a new agent process
 /// Descriptors per `SCM_RIGHTS` message of a hand-over (the kernel's limit is 253).
 pub const FDS_PER_MESSAGE: usize = 200;
 /// How long a running agent waits for its successor to commit a hand-over before it goes on
-/// as before (the successor loads the programs and registers every cgroup in between).
-const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// as before (the successor loads the programs and registers every cgroup in between, which
+/// takes seconds; a successor slower than this would find the old agent serving on).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A request to the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
