@@ -407,3 +407,104 @@ fn sigterm_stops_without_detaching_and_a_restart_adopts() {
     let _ = probe.kill();
     let _ = probe.wait();
 }
+
+/// Answers every control request with the error an agent that predates the hand-over gives
+/// for an unknown op (its socket replaces the real agent's at the control path).
+const OLD_CONTROL: &str = r#"
+import os, socket, sys
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path + ".old")
+s.listen(16)
+os.rename(path + ".old", path)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b'{"result":"error","message":"bad request: unknown variant `handover`"}\n')
+    c.close()
+"#;
+
+/// An agent that does not hand over (an older version) holds the DNS ports: the new agent
+/// cannot serve those identities yet and must leave them enforced by the kernel as they were
+/// (never drop them), then take them over once the old agent has exited.
+#[test]
+fn upgrade_from_an_agent_without_hand_over_stays_enforced() {
+    let mut w = world();
+    w.start_agent();
+    let py = w.python().to_string_lossy().into_owned();
+    let mut probe = w.pod_spawn(1, LOOP_AGENT, &[py.as_str(), "-c", PROBE]);
+    let mut input = probe.stdin.take().expect("piped stdin");
+    let stdout = probe.stdout.take().expect("piped stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut op = |w: &World, line: String| -> String {
+        use std::io::Write as _;
+        writeln!(input, "{line}").expect("write to the probe");
+        input.flush().expect("flush the probe");
+        lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no answer to {line:?}: {e}\n{}", w.diagnostics()))
+    };
+    let allowed = ALLOWED.to_string();
+    let evil = EVIL.to_string();
+    assert_eq!(op(&w, "resolve allowed.test".into()), allowed);
+
+    let socket = w.control_socket().to_string_lossy().into_owned();
+    let mut old_control = std::process::Command::new(&py)
+        .args(["-c", OLD_CONTROL, &socket])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the old control socket");
+    let mut ready = String::new();
+    BufReader::new(old_control.stdout.as_mut().expect("piped stdout"))
+        .read_line(&mut ready)
+        .expect("old control socket up");
+    w.upgrade_agent();
+    let _ = old_control.kill();
+    let _ = old_control.wait();
+    let refused = log_lines(&w, "the running agent does not hand over");
+    assert_eq!(refused.len(), 1, "{}", w.diagnostics());
+
+    // Both agents run; the new one cannot bind the identity's DNS port. The workload stays
+    // enforced (served by the old agent), nothing was dropped.
+    assert!(
+        log_lines(&w, "dropped stale identity cgroup").is_empty(),
+        "{}",
+        w.diagnostics()
+    );
+    assert_eq!(op(&w, format!("connect {evil}")), "PermissionError 1");
+    assert!(op(&w, "resolve evil.test".into()).starts_with("gaierror"));
+    assert_eq!(op(&w, "resolve allowed.test".into()), allowed);
+
+    // The old agent exits: the kernel enforces alone until the new agent's resync takes the
+    // identity over (within 10 s), and the workload is served again.
+    let (status, _) = w.retire_agent(Duration::from_secs(40));
+    assert!(status.success(), "old agent exited with {status}");
+    assert_eq!(op(&w, format!("connect {evil}")), "PermissionError 1");
+    let mut served = false;
+    for _ in 0..30 {
+        if op(&w, "resolve allowed.test".into()) == allowed {
+            served = true;
+            break;
+        }
+        assert_eq!(op(&w, format!("connect {evil}")), "PermissionError 1");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        served,
+        "the new agent never served the identity\n{}",
+        w.diagnostics()
+    );
+    assert_eq!(op(&w, format!("connect {allowed}")), "hello from allowed");
+    assert!(op(&w, "resolve evil.test".into()).starts_with("gaierror"));
+    drop(input);
+    let _ = probe.kill();
+    let _ = probe.wait();
+}

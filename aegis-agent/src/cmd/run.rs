@@ -226,7 +226,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     cgroup::create(node.exec.dir())?;
     let reported = node.sync_identities();
     node.drop_stale(&reported);
-    node.enforcer().adoption_done()?;
+    node.adoption_check(&reported);
 
     let control = control::bind(&args.control_socket)
         .with_context(|| format!("binding {}", args.control_socket.display()))?;
@@ -512,6 +512,20 @@ impl Node {
             }
         }
         reported
+    }
+
+    /// Once every cgroup the sources report is registered, the kernel's level mask follows the
+    /// registered cgroups alone (until then it keeps the levels an earlier agent set, which
+    /// the cgroups not yet registered may need).
+    fn adoption_check(&self, reported: &HashSet<u64>) {
+        let mut enforcer = self.enforcer();
+        if reported
+            .iter()
+            .all(|id| enforcer.cgroups().contains_key(id))
+            && let Err(e) = enforcer.adoption_done()
+        {
+            tracing::warn!(target: "aegis::identity", error = %e, "cannot update the cgroup level mask");
+        }
     }
 
     /// Drops kernel identity entries and links of cgroups no source reports (left by an
@@ -842,7 +856,8 @@ async fn housekeeping(node: Arc<Node>) {
             node.collect_exec_cgroups();
             if resync {
                 node.enforcer().readopt_learned();
-                node.sync_identities();
+                let reported = node.sync_identities();
+                node.adoption_check(&reported);
             }
         })
         .await;
