@@ -128,7 +128,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("binding the approvals API on {}", args.approvals_listen))?;
         tracing::info!(target: "aegis::approval", address = %args.approvals_listen, approvers = approvers.len(), "approvals API listening");
         let serve = approval::api::serve(listener, approvals.clone(), approvers.into());
-        let stopped = listeners.stopped();
+        let stopped = listeners.stop_accepting();
         tokio::spawn(async move {
             tokio::select! {
                 () = serve => {}
@@ -296,7 +296,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // Nothing is detached or unpinned: the kernel keeps enforcing with the pinned maps.
     node.not_ready();
-    tracing::info!(target: "aegis::agent", handed_over = node.listeners.is_stopped(), "agent stopping: draining queries and connections in flight");
+    tracing::info!(target: "aegis::agent", handed_over = node.listeners.is_stopped(), "agent stopping: draining connections (DNS answered meanwhile unless handed over)");
     node.listeners.drain();
     let cut = node
         .listeners

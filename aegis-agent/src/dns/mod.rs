@@ -197,7 +197,7 @@ async fn serve_udp(
         let query = buf[..len].to_vec();
         let (shared, identity, socket) = (shared.clone(), identity.clone(), socket.clone());
         let listeners = shared.settings.listeners.clone();
-        tokio::spawn(listeners.track(async move {
+        tokio::spawn(listeners.track_query(async move {
             if let Some(reply) = answer(&shared, &identity, &query, Transport::Udp).await
                 && let Err(e) = socket.send_to(&reply, peer).await
             {
@@ -214,7 +214,7 @@ async fn serve_tcp(
     listener: TcpListener,
     limit: Arc<Semaphore>,
 ) {
-    let mut stopped = std::pin::pin!(shared.settings.listeners.stopped());
+    let mut stopped = std::pin::pin!(shared.settings.listeners.stop_accepting());
     loop {
         let accepted = tokio::select! {
             biased;
@@ -231,7 +231,7 @@ async fn serve_tcp(
         };
         let (shared, identity, limit) = (shared.clone(), identity.clone(), limit.clone());
         let listeners = shared.settings.listeners.clone();
-        tokio::spawn(listeners.track(async move {
+        tokio::spawn(listeners.track_connection(async move {
             if let Err(e) = serve_tcp_conn(&shared, &identity, stream, &limit).await {
                 tracing::debug!(target: "aegis::dns", %peer, error = %e, "DNS TCP connection ended");
             }

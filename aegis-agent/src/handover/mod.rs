@@ -9,10 +9,12 @@
 //! whose queues die with their process). Every listener the agent binds goes through
 //! [`Listeners`], which uses an inherited socket for the address when it has one.
 //!
-//! Life of a serving agent's listeners: serving → [`Listeners::stop`] (hand-over committed, or
-//! SIGTERM: no more reads or accepts; the successor, if any, reads the same sockets) →
-//! [`Listeners::drain`] (SIGTERM: connections finish their request in flight and close) →
-//! [`Listeners::drained`] (every tracked query and connection done, or the grace period over).
+//! Life of a serving agent's listeners: serving → [`Listeners::stop`] (hand-over committed: no
+//! more reads or accepts; the successor reads the same sockets) → [`Listeners::drain`]
+//! (SIGTERM: no more accepts; connections finish their request in flight and close; DNS over
+//! UDP is still answered if there is no successor) → [`Listeners::drained`] (connections done
+//! or the grace period over; then every listener stops and the queries in flight are
+//! answered).
 //!
 //! Invariants: a socket is handed over only while it is open here (the copies passed are
 //! `dup`s of sockets in use); inherited sockets are checked (type, listening state, address)
@@ -46,11 +48,14 @@ pub struct Listeners {
 struct Inner {
     /// Sockets passed by a predecessor and not yet taken by a listener.
     inherited: Mutex<Vec<(Type, SocketAddr, Socket)>>,
-    /// A duplicate of every listening socket in use, for a hand-over.
-    open: Mutex<Vec<Socket>>,
+    /// A duplicate of every listening socket in use (with its type), for a hand-over.
+    open: Mutex<Vec<(Type, Socket)>>,
     stop: CancellationToken,
     drain: CancellationToken,
-    work: TaskTracker,
+    /// Connections (L7, DNS over TCP) in flight.
+    connections: TaskTracker,
+    /// DNS queries over UDP in flight.
+    queries: TaskTracker,
 }
 
 impl std::fmt::Debug for Listeners {
@@ -156,7 +161,12 @@ impl Listeners {
 
     fn keep(&self, socket: &Socket) -> io::Result<()> {
         let dup = socket.try_clone()?;
-        self.inner.open.lock().expect("lock poisoned").push(dup);
+        let ty = socket.r#type()?;
+        self.inner
+            .open
+            .lock()
+            .expect("lock poisoned")
+            .push((ty, dup));
         Ok(())
     }
 
@@ -167,7 +177,7 @@ impl Listeners {
     pub fn hand_over(&self) -> io::Result<Vec<OwnedFd>> {
         let open = self.inner.open.lock().expect("lock poisoned");
         open.iter()
-            .map(|s| s.as_fd().try_clone_to_owned())
+            .map(|(_, s)| s.as_fd().try_clone_to_owned())
             .collect()
     }
 
@@ -188,10 +198,17 @@ impl Listeners {
         self.inner.stop.is_cancelled()
     }
 
-    /// Asks every tracked connection to finish its request in flight and close.
+    /// Stops accepting connections and asks every tracked connection to finish its request
+    /// in flight and close. Datagram listeners go on until [`Listeners::drained`].
     pub fn drain(&self) {
-        self.stop();
         self.inner.drain.cancel();
+        // Closed once their accept loops end: a connection is refused rather than left
+        // waiting in a backlog nobody accepts from.
+        self.inner
+            .open
+            .lock()
+            .expect("lock poisoned")
+            .retain(|(ty, _)| *ty == Type::DGRAM);
     }
 
     /// Resolves when [`Listeners::drain`] is called.
@@ -199,19 +216,41 @@ impl Listeners {
         self.inner.drain.clone().cancelled_owned()
     }
 
-    /// Tracks a query or connection, so that [`Listeners::drained`] waits for it.
-    pub fn track<F: Future>(&self, work: F) -> TrackedFuture<F> {
-        self.inner.work.track_future(work)
+    /// Resolves when connection listeners stop accepting: on [`Listeners::stop`] or
+    /// [`Listeners::drain`].
+    pub fn stop_accepting(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (stop, drain) = (self.stopped(), self.draining());
+        async move {
+            tokio::select! {
+                () = stop => {}
+                () = drain => {}
+            }
+        }
     }
 
-    /// Waits until every tracked query and connection is done, at most `grace`. Returns how
-    /// many were still running when the grace period ended (0: all done).
+    /// Tracks a connection, so that [`Listeners::drained`] waits for it.
+    pub fn track_connection<F: Future>(&self, work: F) -> TrackedFuture<F> {
+        self.inner.connections.track_future(work)
+    }
+
+    /// Tracks a query, so that [`Listeners::drained`] waits for its answer.
+    pub fn track_query<F: Future>(&self, work: F) -> TrackedFuture<F> {
+        self.inner.queries.track_future(work)
+    }
+
+    /// After [`Listeners::drain`]: waits until every tracked connection is done, then stops
+    /// every listener and waits for the queries in flight, all within `grace`. Returns how
+    /// many connections and queries were still running when the grace period ended (0: all
+    /// done).
     pub async fn drained(&self, grace: Duration) -> usize {
-        self.inner.work.close();
-        match tokio::time::timeout(grace, self.inner.work.wait()).await {
-            Ok(()) => 0,
-            Err(_) => self.inner.work.len(),
-        }
+        let deadline = tokio::time::Instant::now() + grace;
+        let (connections, queries) = (&self.inner.connections, &self.inner.queries);
+        connections.close();
+        let _ = tokio::time::timeout_at(deadline, connections.wait()).await;
+        self.stop();
+        queries.close();
+        let _ = tokio::time::timeout_at(deadline, queries.wait()).await;
+        connections.len() + queries.len()
     }
 }
 
@@ -314,11 +353,22 @@ mod tests {
     async fn drained_waits_for_tracked_work_up_to_the_grace() {
         let l = Listeners::default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(l.track(async move {
+        tokio::spawn(l.track_connection(async move {
             let _ = rx.await;
         }));
-        assert_eq!(l.drained(Duration::from_millis(50)).await, 1);
+        let (qtx, qrx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(l.track_query(async move {
+            let _ = qrx.await;
+        }));
+        l.drain();
+        assert!(
+            !l.is_stopped(),
+            "datagrams are served while connections drain"
+        );
+        assert_eq!(l.drained(Duration::from_millis(50)).await, 2);
+        assert!(l.is_stopped());
         tx.send(()).unwrap();
+        qtx.send(()).unwrap();
         assert_eq!(l.drained(Duration::from_secs(5)).await, 0);
     }
 }

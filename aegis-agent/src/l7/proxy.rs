@@ -269,7 +269,7 @@ impl L7Proxy {
 }
 
 async fn accept_loop(shared: Arc<Shared>, identity: Identity, listener: TcpListener) {
-    let mut stopped = std::pin::pin!(shared.settings.listeners.stopped());
+    let mut stopped = std::pin::pin!(shared.settings.listeners.stop_accepting());
     loop {
         // A successor accepts on the same socket once this one stops: nothing queued is lost.
         let accepted = tokio::select! {
@@ -281,7 +281,7 @@ async fn accept_loop(shared: Arc<Shared>, identity: Identity, listener: TcpListe
             Ok((stream, peer)) => {
                 let (shared, identity) = (shared.clone(), identity.clone());
                 let listeners = shared.settings.listeners.clone();
-                tokio::spawn(listeners.track(async move {
+                tokio::spawn(listeners.track_connection(async move {
                     if let Err(refusal) = serve_conn(&shared, &identity, stream, peer).await {
                         let record = L7Record {
                             peer: peer.to_string(),
