@@ -572,7 +572,8 @@ impl World {
         terminate(child, timeout)
     }
 
-    /// The pid the agent at the control socket reports (`aegis-agent status`), if it answers.
+    /// The status the agent at the control socket reports (`aegis-agent status`: `ready`,
+    /// `pid`, counts), if one answers.
     pub fn agent_status(&self) -> Option<serde_json::Value> {
         let mut status = Command::new(&self.agent_bin);
         status
