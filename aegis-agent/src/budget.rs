@@ -10,8 +10,8 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    path::Path,
-    sync::{Arc, Condvar, Mutex},
+    path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex, OnceLock},
 };
 
 use chrono::{DateTime, Utc};
@@ -114,13 +114,19 @@ pub trait BudgetStore: Send + Sync {
 /// flusher thread that commits every changed key in one fsync'd transaction at most every
 /// [`COMMIT_INTERVAL`] (group commit). A crash loses at most the charges of the last interval
 /// (10 ms) and of the commit in progress; a clean shutdown (drop) flushes everything.
+///
+/// redb allows one process at a time: while a predecessor agent still holds the file (an
+/// upgrade's overlap), the store opens on the first call after it let go, and calls before
+/// fail as a store failure (`--state-unavailable`).
 pub struct RedbStore {
     inner: Arc<Inner>,
     flusher: Option<std::thread::JoinHandle<()>>,
 }
 
 struct Inner {
-    db: Database,
+    path: PathBuf,
+    db: OnceLock<Database>,
+    opening: Mutex<()>,
     state: Mutex<Cache>,
     wake: Condvar,
 }
@@ -155,13 +161,22 @@ impl RedbStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(store_err)?;
         }
-        let db = Database::create(path)
-            .map_err(|e| BudgetError::Store(format!("{}: {e}", path.display())))?;
         let inner = Arc::new(Inner {
-            db,
+            path: path.to_owned(),
+            db: OnceLock::new(),
+            opening: Mutex::new(()),
             state: Mutex::new(Cache::default()),
             wake: Condvar::new(),
         });
+        match Database::create(path) {
+            Ok(db) => {
+                let _ = inner.db.set(db);
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                tracing::warn!(target: "aegis::agent", path = %path.display(), "budget store held by the previous agent process; it opens once that process exits");
+            }
+            Err(e) => return Err(BudgetError::Store(format!("{}: {e}", path.display()))),
+        }
         let flusher = {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -209,9 +224,23 @@ impl RedbStore {
 }
 
 impl Inner {
+    /// The database, opening it if a predecessor held it so far.
+    fn db(&self) -> Result<&Database, BudgetError> {
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        let _opening = self.opening.lock().map_err(store_err)?;
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        let db = Database::create(&self.path)
+            .map_err(|e| BudgetError::Store(format!("{}: {e}", self.path.display())))?;
+        Ok(self.db.get_or_init(|| db))
+    }
+
     /// The committed value of `key` (0 when absent).
     fn load(&self, key: &str) -> Result<u64, BudgetError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let txn = self.db()?.begin_read().map_err(store_err)?;
         let table = match txn.open_table(SPENT) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
@@ -266,7 +295,7 @@ impl Inner {
     }
 
     fn commit(&self, batch: &[(String, u64)]) -> Result<(), BudgetError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
+        let txn = self.db()?.begin_write().map_err(store_err)?;
         {
             let mut table = txn.open_table(SPENT).map_err(store_err)?;
             for (k, v) in batch {
@@ -374,5 +403,25 @@ mod tests {
             "2026-11-23T00:00:01Z".parse().unwrap(),
         );
         assert!(store.charge(&tomorrow, micros(1.0)).is_ok());
+    }
+
+    /// A second process's store (an upgrade's new agent) opens while the first holds the file,
+    /// fails calls as a store failure meanwhile, and works once the first lets go (its last
+    /// charges flushed on drop).
+    #[test]
+    fn a_store_held_elsewhere_opens_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let periods = periods("a@t", Some(1.0), None, Utc::now());
+        let old = RedbStore::open(&path).unwrap();
+        old.charge(&periods, 10).unwrap();
+        let new = RedbStore::open(&path).unwrap();
+        assert!(matches!(
+            new.charge(&periods, 10),
+            Err(BudgetError::Store(_))
+        ));
+        drop(old);
+        new.charge(&periods, 10).unwrap();
+        assert_eq!(new.spent(&periods[0]).unwrap(), 20);
     }
 }

@@ -287,6 +287,16 @@ pub struct RunArgs {
     /// Most addresses one identity may have learned at once (oldest-expiring evicted first).
     #[arg(long, default_value_t = 4096)]
     pub max_learned: usize,
+    /// On SIGTERM, how long open connections get to finish their request in flight, in
+    /// seconds (keep it under the pod's `terminationGracePeriodSeconds`, 30 by default).
+    #[arg(long, default_value_t = 25)]
+    pub drain_timeout: u64,
+    /// File created while this agent process is ready and serving, removed once it hands over
+    /// or stops. Point a pod's readiness probe at it (in the container's own filesystem): the
+    /// control socket is shared with the other pod during an upgrade, so `aegis-agent status`
+    /// may answer for the other process.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
     /// Pin directory on bpffs.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,

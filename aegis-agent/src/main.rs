@@ -16,6 +16,7 @@ mod dlp;
 mod dns;
 mod ebpf;
 mod egress;
+mod handover;
 mod identity;
 mod killswitch;
 mod l7;

@@ -360,6 +360,7 @@ impl WorldBuilder {
             etc_netns: Vec::new(),
             services: Vec::new(),
             agent: None,
+            retiring: Vec::new(),
             agent_ever_started: false,
             state_file,
             cgroups: Vec::new(),
@@ -439,6 +440,8 @@ pub struct World {
     etc_netns: Vec<PathBuf>,
     services: Vec<(&'static str, Child)>,
     agent: Option<Child>,
+    /// Agents an upgrade replaced, still running until [`World::retire_agent`].
+    retiring: Vec<Child>,
     agent_ever_started: bool,
     state_file: PathBuf,
     /// cgroups made by [`World::create_cgroup`], removed (processes killed) on drop.
@@ -544,6 +547,65 @@ impl World {
         if self.agent.is_some() {
             return Err(err("agent already running"));
         }
+        let child = self.spawn_agent()?;
+        self.wait_agent_ready(child)
+    }
+
+    /// Upgrades the agent in place: starts a second `aegis-agent run` (same arguments) while
+    /// the first runs, and waits until the new process answers `status` as ready (it has then
+    /// taken the old one's sockets over, see docs/upgrade.md). The old process keeps running
+    /// until [`World::retire_agent`] (as a DaemonSet's old pod does until it is deleted).
+    ///
+    /// # Panics
+    /// If no agent runs, or the new one exits or is not ready in time.
+    pub fn upgrade_agent(&mut self) {
+        let old = self.agent.take().expect("upgrade_agent: no agent running");
+        let new = self.spawn_agent().unwrap_or_else(|e| panic!("{e}"));
+        self.retiring.push(old);
+        if let Err(e) = self.wait_agent_ready(new) {
+            panic!("{e}\n--- agent log ---\n{}", tail(&self.agent_log(), 100));
+        }
+    }
+
+    /// Sends SIGTERM to the oldest agent an upgrade replaced and waits (up to `timeout`) for it
+    /// to exit; returns its exit status and how long it took.
+    ///
+    /// # Panics
+    /// If there is none, or it is still running after `timeout` (it is then killed).
+    pub fn retire_agent(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        assert!(!self.retiring.is_empty(), "retire_agent: no replaced agent");
+        let child = self.retiring.remove(0);
+        terminate(child, timeout)
+    }
+
+    /// Sends SIGTERM to the agent (a graceful stop: it drains, detaches nothing) and waits (up
+    /// to `timeout`) for it to exit; returns its exit status and how long it took.
+    ///
+    /// # Panics
+    /// If no agent runs, or it is still running after `timeout` (it is then killed).
+    pub fn stop_agent(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        let child = self.agent.take().expect("stop_agent: no agent running");
+        terminate(child, timeout)
+    }
+
+    /// The status the agent at the control socket reports (`aegis-agent status`: `ready`,
+    /// `pid`, counts), if one answers.
+    pub fn agent_status(&self) -> Option<serde_json::Value> {
+        let mut status = Command::new(&self.agent_bin);
+        status
+            .arg("status")
+            .arg("--control-socket")
+            .arg(self.control_socket());
+        let out = run_with_timeout(&mut status, Duration::from_secs(5)).ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The pid of the running agent process started by this world.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    fn spawn_agent(&mut self) -> Result<Child, WorldError> {
         if !self.agent_bin.exists() {
             return Err(err(format!(
                 "agent binary {} does not exist (build it, or set AEGIS_AGENT_BIN)",
@@ -610,8 +672,15 @@ impl World {
         let child = cmd
             .spawn()
             .map_err(|e| err(format!("spawning {}: {e}", cmdline(&cmd))))?;
-        self.agent = Some(child);
         self.agent_ever_started = true;
+        Ok(child)
+    }
+
+    /// Makes `child` the world's agent and waits until the control socket reports it (its pid)
+    /// ready.
+    fn wait_agent_ready(&mut self, child: Child) -> Result<(), WorldError> {
+        let pid = child.id();
+        self.agent = Some(child);
         let deadline = Instant::now() + AGENT_READY_TIMEOUT;
         loop {
             if let Some(child) = self.agent.as_mut()
@@ -620,13 +689,9 @@ impl World {
                 self.agent = None;
                 return Err(err(format!("agent exited during startup with {status}")));
             }
-            let mut status = Command::new(&self.agent_bin);
-            status
-                .arg("status")
-                .arg("--control-socket")
-                .arg(self.control_socket());
-            if let Ok(out) = run_with_timeout(&mut status, Duration::from_secs(5))
-                && out.status.success()
+            if let Some(status) = self.agent_status()
+                && status["ready"] == true
+                && status["pid"] == pid
             {
                 return Ok(());
             }
@@ -1627,8 +1692,12 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        // 1. The agent, then every process in our namespaces (workloads, dnsmasq, servers).
+        // 1. The agents, then every process in our namespaces (workloads, dnsmasq, servers).
         self.kill_agent();
+        for mut child in self.retiring.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for ns in self.namespaces.iter().rev() {
             kill_netns_pids(ns);
         }
@@ -2051,6 +2120,32 @@ pub fn describe(out: &Output) -> String {
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Sends SIGTERM to `child` and waits up to `timeout` for it to exit: (status, time taken).
+///
+/// # Panics
+/// If it is still running after `timeout` (it is then killed and reaped).
+pub fn terminate(mut child: Child, timeout: Duration) -> (ExitStatus, Duration) {
+    let started = Instant::now();
+    // SAFETY: kill(2) with a pid we spawned and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill(SIGTERM): {}", std::io::Error::last_os_error());
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return (status, started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "pid {} still running {}s after SIGTERM",
+                child.id(),
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Polls `f` every 100 ms until it returns true or `timeout` passes; returns whether it did.

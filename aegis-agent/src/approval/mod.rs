@@ -197,6 +197,8 @@ pub struct Approvals {
     audit: AuditLog,
     webhook: Option<webhook::Webhook>,
     store: Option<store::ApprovalStore>,
+    /// Whether the store's approvals are in `inner` (false while a predecessor holds it).
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 fn now() -> u64 {
@@ -293,21 +295,26 @@ impl Approvals {
         webhook: Option<webhook::Webhook>,
         store: Option<store::ApprovalStore>,
     ) -> Result<Approvals, String> {
-        let loaded = match &store {
-            Some(s) => s.load()?,
-            None => HashMap::new(),
-        };
-        publish_pending(&loaded);
-        Ok(Approvals {
+        let approvals = Approvals {
             settings,
             encoding: keys.0,
             decoding: keys.1,
-            inner: Mutex::new(loaded),
+            inner: Mutex::new(HashMap::new()),
+            loaded: std::sync::atomic::AtomicBool::new(store.is_none()),
             decided: tokio::sync::watch::channel(0).0,
             audit,
             webhook,
             store,
-        })
+        };
+        // A store held by a predecessor (an upgrade's overlap) is loaded on a later use.
+        if let Some(store) = &approvals.store
+            && let Err(e) = store.load()
+            && !e.contains("already open")
+        {
+            return Err(e);
+        }
+        drop(approvals.lock());
+        Ok(approvals)
     }
 
     /// Writes the `changed` approvals through to the store; a failure is logged and returned.
@@ -325,8 +332,21 @@ impl Approvals {
         &self.settings
     }
 
+    /// The approvals, with the stored ones merged in on the first use the store allows.
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Approval>> {
-        self.inner.lock().expect("approvals lock poisoned")
+        use std::sync::atomic::Ordering;
+        let mut all = self.inner.lock().expect("approvals lock poisoned");
+        if !self.loaded.load(Ordering::Acquire)
+            && let Some(store) = &self.store
+            && let Ok(stored) = store.load()
+        {
+            for (id, a) in stored {
+                all.entry(id).or_insert(a);
+            }
+            self.loaded.store(true, Ordering::Release);
+            publish_pending(&all);
+        }
+        all
     }
 
     /// Files an approval for a request, or returns the pending one of the same identity and

@@ -3,7 +3,11 @@
 //! twice across a restart). Every change is written through, in one transaction, before the
 //! caller acts on it.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Mutex, OnceLock},
+};
 
 use redb::{Database, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -22,9 +26,12 @@ struct Stored {
     token_exp: u64,
 }
 
-/// The approvals database.
+/// The approvals database. redb allows one process at a time: while a predecessor agent holds
+/// the file (an upgrade's overlap), it opens on the first use after that agent let go.
 pub struct ApprovalStore {
-    db: Database,
+    path: PathBuf,
+    db: OnceLock<Database>,
+    opening: Mutex<()>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -32,7 +39,8 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 impl ApprovalStore {
-    /// Opens (creating) the database at `path`.
+    /// Opens (creating) the database at `path`, or defers opening while another process
+    /// holds it.
     ///
     /// # Errors
     /// The file cannot be created or is not a redb database.
@@ -40,13 +48,39 @@ impl ApprovalStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let db = Database::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let store = ApprovalStore {
+            path: path.to_owned(),
+            db: OnceLock::new(),
+            opening: Mutex::new(()),
+        };
+        match store.db() {
+            Ok(_) => {}
+            Err(e) if e.contains("already open") => {
+                tracing::warn!(target: "aegis::approval", path = %path.display(), "approvals store held by the previous agent process; it opens once that process exits");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(store)
+    }
+
+    /// The database, opening it if a predecessor held it so far.
+    fn db(&self) -> Result<&Database, String> {
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        let _opening = self.opening.lock().map_err(err)?;
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        let db =
+            Database::create(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))
+                .map_err(err)?;
         }
-        Ok(ApprovalStore { db })
+        Ok(self.db.get_or_init(|| db))
     }
 
     /// Every stored approval.
@@ -54,7 +88,7 @@ impl ApprovalStore {
     /// # Errors
     /// The file cannot be read, or holds a record that does not parse.
     pub fn load(&self) -> Result<HashMap<String, Approval>, String> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.db()?.begin_read().map_err(err)?;
         let table = match txn.open_table(APPROVALS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
@@ -82,7 +116,7 @@ impl ApprovalStore {
         if changed.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(err)?;
+        let txn = self.db()?.begin_write().map_err(err)?;
         {
             let mut table = txn.open_table(APPROVALS).map_err(err)?;
             for id in changed {

@@ -13,7 +13,10 @@
 //! flushes and `fdatasync`s at most [`BATCH_INTERVAL`] after a record arrives or every
 //! [`BATCH_RECORDS`] records, whichever is first, signing each batch; the file is opened
 //! `O_APPEND` and never rewritten; a restarted agent continues the chain from the file's last
-//! line. If the channel is full (the disk stalls), records are counted as dropped and a warning
+//! line. Several processes may append to one log (an upgrade runs the old and the new agent
+//! at once): each batch is written under an exclusive `flock(2)` of the file, and a writer
+//! whose file grew under another writer continues the chain from the file's last line first,
+//! so the file stays one chain. If the channel is full (the disk stalls), records are counted as dropped and a warning
 //! names how many: the decision itself is never delayed.
 
 pub mod chain;
@@ -95,6 +98,8 @@ impl AuditLog {
             // cut line stays, and `audit verify` names it).
             out.write_all(b"\n").map_err(err)?;
         }
+        out.flush().map_err(err)?;
+        let end = out.get_ref().metadata().map_err(err)?.len();
         let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let path = path.to_owned();
@@ -107,6 +112,8 @@ impl AuditLog {
                     out,
                     chain,
                     key,
+                    batch: Vec::new(),
+                    end,
                 };
                 writer.run(&rx, &writer_dropped);
             })
@@ -154,6 +161,11 @@ struct Writer {
     out: BufWriter<File>,
     chain: Chain,
     key: AuditKey,
+    /// Records of the batch being gathered: (timestamp at arrival, JSON body).
+    batch: Vec<(String, String)>,
+    /// Length of the file after this writer's last batch: another length means another
+    /// process appended since.
+    end: u64,
 }
 
 impl Writer {
@@ -170,10 +182,8 @@ impl Writer {
             match rx.recv_timeout(timeout) {
                 Ok(Msg::Sync(to)) => ack = Some(to),
                 Ok(Msg::Record(body)) => {
-                    let line = self
-                        .chain
-                        .next_line(&humantime_rfc3339(SystemTime::now()), &body);
-                    self.write(&line);
+                    self.batch
+                        .push((humantime_rfc3339(SystemTime::now()), body));
                     pending += 1;
                     if pending < BATCH_RECORDS {
                         continue;
@@ -212,8 +222,34 @@ impl Writer {
         }
     }
 
-    /// Appends the batch's signature record, then flushes and syncs.
+    /// Appends the batch and its signature record under the file lock, then flushes and
+    /// syncs.
     fn sign_and_sync(&mut self) {
+        use rustix::fs::{FlockOperation, flock};
+        if let Err(e) = flock(self.out.get_ref(), FlockOperation::LockExclusive) {
+            tracing::error!(target: "aegis::audit", path = %self.path.display(), error = %e, "audit lock failed; writing unlocked");
+        }
+        match self.out.get_ref().metadata() {
+            Ok(m) if m.len() != self.end => match Chain::resume(self.out.get_ref()) {
+                Ok((chain, unterminated)) => {
+                    self.chain = chain;
+                    if unterminated {
+                        self.write("");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(target: "aegis::audit", path = %self.path.display(), error = %e, "cannot continue the chain another writer extended");
+                }
+            },
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(target: "aegis::audit", path = %self.path.display(), error = %e, "audit log unreadable");
+            }
+        }
+        for (ts, body) in std::mem::take(&mut self.batch) {
+            let line = self.chain.next_line(&ts, &body);
+            self.write(&line);
+        }
         let line = self
             .chain
             .signature_line(&humantime_rfc3339(SystemTime::now()), &self.key);
@@ -225,6 +261,10 @@ impl Writer {
         if let Err(e) = synced {
             tracing::error!(target: "aegis::audit", path = %self.path.display(), error = %e, "audit sync failed");
         }
+        if let Ok(m) = self.out.get_ref().metadata() {
+            self.end = m.len();
+        }
+        let _ = flock(self.out.get_ref(), FlockOperation::Unlock);
     }
 }
 
@@ -291,5 +331,27 @@ mod tests {
         let report =
             chain::verify(text.as_bytes(), &public).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!((report.lines, report.signatures), (6, 2));
+    }
+
+    /// Two writers on one file at once (an upgrade's old and new agent) interleave whole
+    /// batches, each continuing the chain the other extended: the file verifies.
+    #[test]
+    fn concurrent_writers_keep_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let key_path = dir.path().join("audit.key");
+        let old = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap()).unwrap();
+        let new = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap()).unwrap();
+        for n in 0..3 {
+            old.append(&Rec { kind: "old", n });
+            new.append(&Rec { kind: "new", n });
+            thread::sleep(BATCH_INTERVAL * 2);
+        }
+        // 6 records, each batch signed: at least 8 lines once both writers are done.
+        let text = wait_lines(&path, 12);
+        let public = chain::read_public_key(&chain::public_path(&key_path)).unwrap();
+        let report =
+            chain::verify(text.as_bytes(), &public).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(report.lines - report.signatures, 6, "{text}");
     }
 }

@@ -14,7 +14,16 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         agent: args.agent.clone(),
         tenant: args.tenant.clone(),
     };
-    match control::call(&args.control_socket, &request)? {
+    // During an upgrade the old agent refuses until the new one owns the control socket.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut reply = control::call(&args.control_socket, &request)?;
+    while matches!(&reply, Reply::Error { message } if message == control::HANDING_OVER)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        reply = control::call(&args.control_socket, &request)?;
+    }
+    match reply {
         Reply::Exec {
             policy_version: None,
             ..

@@ -5,15 +5,23 @@
 //! the programs are loaded over the pinned maps, identity cgroups are (re)registered with their
 //! DNS listeners bound before the kernel steers to them, and only then is the agent "ready".
 //! Stopping the agent leaves the kernel enforcing; `aegis-agent uninstall` removes it.
+//!
+//! Upgrade (docs/upgrade.md): when an agent already runs, the new one takes its listening
+//! sockets over the control socket before loading anything ([`control::take_over`]); the old
+//! one stops changing node state from then on, so the new one adopts a state nobody else
+//! writes. Once the new agent serves every identity and owns the control socket it commits:
+//! the old one stops reading the (shared) sockets and, on SIGTERM, drains what it has in
+//! flight and exits, detaching nothing.
 
 use std::{
     collections::HashSet,
     fs,
     net::{IpAddr, SocketAddr},
+    os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock, RwLockReadGuard,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -33,10 +41,11 @@ use crate::{
     budget::RedbStore,
     cgroup,
     cli::RunArgs,
-    control::{self, Handler, Reply},
+    control::{self, HANDING_OVER, Handler, Reply},
     dns::{self, DnsProxy},
     ebpf::{self, AsyncEventReader, Datapath, Links},
     egress::{self, Enforcer},
+    handover::Listeners,
     identity::{ExecCgroups, Identity, IdentityCgroup, IdentitySource, StaticFile, kube::KubePods},
     killswitch::{KillSwitch, Target},
     l7::{self, ca::NodeCa, decide::PolicyDecider, proxy::L7Proxy},
@@ -70,6 +79,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _telemetry = telemetry::init(args.log_format, args.otlp_endpoint.as_deref())?;
+    if let Some(path) = &args.ready_file {
+        // Left by a crashed run: not ready until this run says so.
+        let _ = fs::remove_file(path);
+    }
     let cgroup2 = cgroup::cgroup2_mount()?;
     let policies = PolicySet::load_dir(&args.policies)
         .map_err(|e| anyhow!("policies rejected, not starting:\n{e}"))?;
@@ -88,6 +101,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some((source, changes)) => (Some(source), Some(changes)),
         None => (None, None),
     };
+    // An agent already running (an upgrade): take its listening sockets, so no query or
+    // connection is lost. It changes no node state until we commit, or exit (which aborts).
+    let listeners = Listeners::default();
+    let mut predecessor = control::take_over(&args.control_socket)?;
+    if let Some(p) = &mut predecessor {
+        let inherited = listeners.inherit(std::mem::take(&mut p.fds));
+        tracing::info!(target: "aegis::agent", pid = p.pid, sockets = inherited, "taking over from the running agent");
+    }
     let ca = NodeCa::load_or_create(&args.ca_cert, &args.ca_key)?;
     let audit = AuditLog::open(&args.audit_log, AuditKey::load_or_create(&args.audit_key)?)?;
     let upstream_roots = upstream_roots(args.upstream_ca.as_deref())?;
@@ -115,15 +136,19 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some(path) = &args.approvers {
         let approvers = approval::api::load_approvers(path)?;
-        let listener = tokio::net::TcpListener::bind(args.approvals_listen)
-            .await
+        let listener = listeners
+            .tcp(args.approvals_listen)
+            .and_then(tokio::net::TcpListener::from_std)
             .with_context(|| format!("binding the approvals API on {}", args.approvals_listen))?;
         tracing::info!(target: "aegis::approval", address = %args.approvals_listen, approvers = approvers.len(), "approvals API listening");
-        tokio::spawn(approval::api::serve(
-            listener,
-            approvals.clone(),
-            approvers.into(),
-        ));
+        let serve = approval::api::serve(listener, approvals.clone(), approvers.into());
+        let stopped = listeners.stop_accepting();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = serve => {}
+                () = stopped => {}
+            }
+        });
     }
     let l7_addr4 = args.l7_address.unwrap_or(args.dns_address);
     let (datapath, links, events, logger) = Datapath::load(&args.bpffs)?;
@@ -156,6 +181,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         upstream,
         upstream_timeout: Duration::from_millis(args.dns_timeout_ms),
         deny_rcode: args.dns_deny_rcode,
+        listeners: listeners.clone(),
     };
     let decider = Arc::new(PolicyDecider::new(l7_engine, policies.clone()));
     let mut l7_listen = vec![IpAddr::V4(l7_addr4)];
@@ -164,6 +190,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         l7::proxy::Settings {
             listen: l7_listen,
             max_body: args.max_body,
+            listeners: listeners.clone(),
         },
         l7_runtimes()?,
         ca,
@@ -208,6 +235,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         sync_lock: Mutex::new(()),
         stale_dropped: AtomicBool::new(false),
         ready: AtomicBool::new(false),
+        frozen: RwLock::new(false),
+        ready_file: args.ready_file.clone(),
+        listeners,
         kill,
     });
     let ready = Arc::downgrade(&node);
@@ -236,7 +266,25 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
+    if let Some(p) = predecessor {
+        let pid = p.pid;
+        match p.commit() {
+            Ok(()) => {
+                tracing::info!(target: "aegis::agent", pid, "the previous agent handed over; it drains and exits on SIGTERM");
+                // What it learned between our adoption and the commit (answers in flight
+                // after the commit come with the next resync).
+                node.enforcer().readopt_learned();
+            }
+            Err(e) => {
+                tracing::warn!(target: "aegis::agent", pid, error = %e, "the previous agent did not confirm the hand-over (its sockets are served here)")
+            }
+        }
+    }
     node.ready.store(true, Ordering::SeqCst);
+    if let Some(path) = &node.ready_file {
+        fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing --ready-file {}", path.display()))?;
+    }
     tracing::info!(
         target: "aegis::agent", bpffs = %args.bpffs.display(), cgroup2 = %cgroup2.display(),
         policies = node.policies.load().len(), upstream = %upstream, dns = %args.dns_address,
@@ -247,23 +295,48 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             _ = hangup.recv() => {
                 tracing::info!(target: "aegis::agent", "SIGHUP: reloading policies and identities");
                 blocking(&node, |node| {
-                    node.reload_policies();
-                    node.sync();
+                    if let Some(_writer) = node.writer() {
+                        node.reload_policies();
+                        node.sync();
+                    }
                 })
                 .await;
             }
-            Some(()) = next_change(&mut kube_changes) => blocking(&node, Node::sync).await,
+            Some(()) = next_change(&mut kube_changes) => {
+                blocking(&node, |node| {
+                    if let Some(_writer) = node.writer() {
+                        node.sync();
+                    }
+                })
+                .await;
+            }
             Some(()) = reload_rx.recv() => {
                 // Editors write in several steps: let the directory settle.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while reload_rx.try_recv().is_ok() {}
-                blocking(&node, Node::reload_policies).await;
+                blocking(&node, |node| {
+                    if let Some(_writer) = node.writer() {
+                        node.reload_policies();
+                    }
+                })
+                .await;
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
-    tracing::info!(target: "aegis::agent", "agent stopping; kernel enforcement stays in place until `aegis-agent uninstall`");
+    // Nothing is detached or unpinned: the kernel keeps enforcing with the pinned maps.
+    node.not_ready();
+    tracing::info!(target: "aegis::agent", handed_over = node.listeners.is_stopped(), "agent stopping: draining connections (DNS answered meanwhile unless handed over)");
+    node.listeners.drain();
+    let cut = node
+        .listeners
+        .drained(Duration::from_secs(args.drain_timeout))
+        .await;
+    if cut > 0 {
+        tracing::warn!(target: "aegis::agent", connections = cut, grace_s = args.drain_timeout, "drain timeout: cutting what is still open");
+    }
+    tracing::info!(target: "aegis::agent", "agent stopped; kernel enforcement stays in place until `aegis-agent uninstall`");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -393,6 +466,12 @@ struct Node {
     /// [`Node::drop_stale`] has run (after the first read of every source).
     stale_dropped: AtomicBool,
     ready: AtomicBool,
+    /// Set while a successor takes over: node state (identities, links, policies in the
+    /// kernel) is then left alone, so the successor adopts a state nobody else changes.
+    frozen: RwLock<bool>,
+    /// `--ready-file`.
+    ready_file: Option<PathBuf>,
+    listeners: Listeners,
     kill: Arc<KillSwitch>,
     approvals: Arc<Approvals>,
 }
@@ -402,6 +481,20 @@ struct Node {
 impl Node {
     fn enforcer(&self) -> std::sync::MutexGuard<'_, Enforcer> {
         self.enforcer.lock().expect("enforcer lock poisoned")
+    }
+
+    fn not_ready(&self) {
+        self.ready.store(false, Ordering::SeqCst);
+        if let Some(path) = &self.ready_file {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    /// Leave to change node state, held while changing it; `None` once a successor takes over
+    /// (a hand-over waits for the changes in progress to end).
+    fn writer(&self) -> Option<RwLockReadGuard<'_, bool>> {
+        let frozen = self.frozen.read().expect("frozen lock poisoned");
+        (!*frozen).then_some(frozen)
     }
 
     /// Binds the identity's DNS listeners, then registers the cgroup (so the kernel never
@@ -446,8 +539,9 @@ impl Node {
     }
 
     /// Registers every cgroup the sources report and unregisters those they no longer do. A
-    /// source that cannot be read keeps its cgroups as they were. Whether every source was read.
-    fn sync_identities(&self) -> bool {
+    /// source that cannot be read keeps its cgroups as they were. Returns whether every source
+    /// was read, and the ids of every cgroup the sources report, registered or not.
+    fn sync_identities(&self) -> (bool, HashSet<u64>) {
         let mut sources: Vec<&dyn IdentitySource> = vec![&self.exec];
         if let Some(s) = &self.static_file {
             sources.push(s);
@@ -456,11 +550,13 @@ impl Node {
             sources.push(s);
         }
         let mut wanted = HashSet::new();
+        let mut reported = HashSet::new();
         let mut failed_sources = false;
         for source in sources {
             match source.cgroups() {
                 Ok(cgroups) => {
                     for cg in cgroups {
+                        reported.extend(cgroup::cgroup_id(&cg.path).ok());
                         match self.ensure_registered(&cg) {
                             Ok(id) => {
                                 wanted.insert(id);
@@ -478,7 +574,7 @@ impl Node {
             }
         }
         if failed_sources {
-            return false;
+            return (false, reported);
         }
         let gone: Vec<u64> = self
             .enforcer()
@@ -492,25 +588,39 @@ impl Node {
                 tracing::warn!(target: "aegis::identity", cgroup_id = id, error = %e, "cannot unregister cgroup");
             }
         }
-        true
+        (true, reported)
     }
 
     /// [`Node::sync_identities`], then, the first time every source could be read,
-    /// [`Node::drop_stale`]: an unreachable API server must not take enforcement away from
-    /// the pods an earlier agent registered.
+    /// [`Node::drop_stale`] (an unreachable API server must not take enforcement away from the
+    /// pods an earlier agent registered), and once every reported cgroup is registered, the
+    /// kernel's level mask follows the registered cgroups alone (until then it keeps the levels
+    /// an earlier agent set, which the cgroups not yet registered may need). Callers hold
+    /// [`Node::writer`] (or run before any hand-over can start).
     fn sync(&self) {
         let _reconciling = self.sync_lock.lock().expect("sync lock poisoned");
-        if self.sync_identities() && !self.stale_dropped.swap(true, Ordering::SeqCst) {
-            self.drop_stale();
-            if let Err(e) = self.enforcer().forget_adopted_levels() {
-                tracing::warn!(target: "aegis::identity", error = %e, "cannot update the node configuration");
-            }
+        let (all_read, reported) = self.sync_identities();
+        if all_read && !self.stale_dropped.swap(true, Ordering::SeqCst) {
+            self.drop_stale(&reported);
+        }
+        if !self.stale_dropped.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut enforcer = self.enforcer();
+        if reported
+            .iter()
+            .all(|id| enforcer.cgroups().contains_key(id))
+            && let Err(e) = enforcer.adoption_done()
+        {
+            tracing::warn!(target: "aegis::identity", error = %e, "cannot update the cgroup level mask");
         }
     }
 
     /// Drops kernel identity entries and links of cgroups no source reports (left by an
-    /// earlier agent for cgroups that are gone).
-    fn drop_stale(&self) {
+    /// earlier agent for cgroups that are gone). A cgroup a source reports but that could not
+    /// be registered (e.g. its DNS port still held by an agent that does not hand over) keeps
+    /// the earlier agent's entry and links: dropping them would let it out unenforced.
+    fn drop_stale(&self, reported: &HashSet<u64>) {
         let mut stale: HashSet<u64> = self.enforcer().stale_kernel_cgroups().into_iter().collect();
         let attached = self.links().attached_cgroups();
         stale.extend(
@@ -518,6 +628,7 @@ impl Node {
                 .into_iter()
                 .filter(|id| !self.enforcer().cgroups().contains_key(id)),
         );
+        stale.retain(|id| !reported.contains(id));
         for id in stale {
             let dropped = self.enforcer().drop_stale(id).map_err(anyhow::Error::from);
             match dropped.and_then(|()| Ok(self.links().detach(id)?)) {
@@ -585,6 +696,7 @@ impl Node {
 
 impl Handler for Node {
     fn exec(&self, pid: u32, agent: &str, tenant: Option<&str>) -> Result<Reply, String> {
+        let _writer = self.writer().ok_or(HANDING_OVER)?;
         let identity = Identity::new(agent, tenant)?;
         let path = self.exec.path_for(&identity, pid);
         let _placing = self.sync_lock.lock().expect("sync lock poisoned");
@@ -619,6 +731,7 @@ impl Handler for Node {
         let enforcer = self.enforcer();
         Reply::Status {
             ready: self.ready.load(Ordering::SeqCst),
+            pid: std::process::id(),
             cgroups: enforcer.cgroups().len(),
             policies: self.policies.load().len(),
             learned: enforcer.learned_total(),
@@ -632,6 +745,7 @@ impl Handler for Node {
         uid: u32,
         pid: Option<u32>,
     ) -> Result<Reply, String> {
+        let _writer = self.writer().ok_or(HANDING_OVER)?;
         let target = match agent {
             None => Target::All,
             Some(a) => Target::Agent(Identity::new(a, None)?.agent.to_string()),
@@ -666,6 +780,36 @@ impl Handler for Node {
                 .iter()
                 .filter_map(|a| serde_json::to_value(a).ok())
                 .collect(),
+        }
+    }
+
+    fn handover(&self, uid: u32) -> Result<Vec<OwnedFd>, String> {
+        // The control socket is mode 0600: only root or the agent's own user reach it.
+        let own = fs::metadata("/proc/self").map_or(0, |m| m.uid());
+        if uid != 0 && uid != own {
+            return Err(format!("uid {uid} may not take over the agent's sockets"));
+        }
+        if self.listeners.is_stopped() {
+            return Err("this agent already handed over or is stopping".into());
+        }
+        let mut frozen = self.frozen.write().expect("frozen lock poisoned");
+        if *frozen {
+            return Err("a hand-over is already in progress".into());
+        }
+        let fds = self.listeners.hand_over().map_err(|e| e.to_string())?;
+        *frozen = true;
+        tracing::info!(target: "aegis::agent", sockets = fds.len(), "handing over to a new agent process: node state frozen until it commits");
+        Ok(fds)
+    }
+
+    fn handover_end(&self, committed: bool) {
+        if committed {
+            self.not_ready();
+            self.listeners.stop();
+            tracing::info!(target: "aegis::agent", "handed over: the new agent serves the sockets; this one finishes what it has in flight and waits for SIGTERM");
+        } else {
+            *self.frozen.write().expect("frozen lock poisoned") = false;
+            tracing::warn!(target: "aegis::agent", "hand-over aborted by the new agent; serving on");
         }
     }
 
@@ -778,6 +922,9 @@ async fn housekeeping(node: Arc<Node>) {
         n = n.wrapping_add(1);
         let resync = n.is_multiple_of(RESYNC_TICKS);
         blocking(&node, move |node| {
+            let Some(_writer) = node.writer() else {
+                return;
+            };
             if let Err(e) = node.enforcer().expire() {
                 tracing::warn!(target: "aegis::agent", error = %e, "cannot remove expired addresses");
             }
@@ -785,6 +932,7 @@ async fn housekeeping(node: Arc<Node>) {
             // Expires approvals nobody decided in time (and updates the pending gauge).
             node.approvals.pending();
             if resync {
+                node.enforcer().readopt_learned();
                 node.sync();
             }
         })

@@ -28,13 +28,14 @@ use hickory_proto::{
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    net::{TcpListener, TcpStream, UdpSocket},
     sync::Semaphore,
     time::timeout,
 };
 
 use crate::{
     egress::Enforcer,
+    handover::Listeners,
     identity::Identity,
     metrics::{self, DnsResult},
     policy::{Mode, PolicySet, Ports},
@@ -66,6 +67,9 @@ pub struct Settings {
     /// How long to wait for the upstream.
     pub upstream_timeout: Duration,
     pub deny_rcode: DenyRcode,
+    /// Where the listening sockets come from (inherited from a predecessor or bound), and
+    /// when to stop serving them.
+    pub listeners: Listeners,
 }
 
 /// The proxy: one UDP and one TCP listener per identity port and listen address.
@@ -135,21 +139,13 @@ impl DnsProxy {
             return Ok(());
         }
         let _in_runtime = self.shared.runtime.enter();
+        let listeners = &self.shared.settings.listeners;
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for ip in &self.shared.settings.listen {
             let addr = SocketAddr::new(*ip, port);
-            let std_udp = std::net::UdpSocket::bind(addr)?;
-            std_udp.set_nonblocking(true)?;
-            udp.push(UdpSocket::from_std(std_udp)?);
-            let socket = if ip.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            socket.set_reuseaddr(true)?;
-            socket.bind(addr)?;
-            tcp.push(socket.listen(1024)?);
+            udp.push(UdpSocket::from_std(listeners.udp(addr)?)?);
+            tcp.push(TcpListener::from_std(listeners.tcp(addr)?)?);
         }
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         for socket in udp {
@@ -180,8 +176,15 @@ async fn serve_udp(
     limit: Arc<Semaphore>,
 ) {
     let mut buf = vec![0u8; 65_535];
+    let mut stopped = std::pin::pin!(shared.settings.listeners.stopped());
     loop {
-        let (len, peer) = match socket.recv_from(&mut buf).await {
+        // A successor reads the same socket once this one stops: nothing queued is lost.
+        let received = tokio::select! {
+            biased;
+            () = &mut stopped => return,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        let (len, peer) = match received {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(target: "aegis::dns", error = %e, "DNS receive failed");
@@ -194,14 +197,15 @@ async fn serve_udp(
         };
         let query = buf[..len].to_vec();
         let (shared, identity, socket) = (shared.clone(), identity.clone(), socket.clone());
-        tokio::spawn(async move {
+        let listeners = shared.settings.listeners.clone();
+        tokio::spawn(listeners.track_query(async move {
             if let Some(reply) = answer(&shared, &identity, &query, Transport::Udp).await
                 && let Err(e) = socket.send_to(&reply, peer).await
             {
                 tracing::debug!(target: "aegis::dns", %peer, error = %e, "DNS reply not sent");
             }
             drop(permit);
-        });
+        }));
     }
 }
 
@@ -211,8 +215,14 @@ async fn serve_tcp(
     listener: TcpListener,
     limit: Arc<Semaphore>,
 ) {
+    let mut stopped = std::pin::pin!(shared.settings.listeners.stop_accepting());
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut stopped => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(target: "aegis::dns", error = %e, "DNS TCP accept failed");
@@ -221,11 +231,12 @@ async fn serve_tcp(
             }
         };
         let (shared, identity, limit) = (shared.clone(), identity.clone(), limit.clone());
-        tokio::spawn(async move {
+        let listeners = shared.settings.listeners.clone();
+        tokio::spawn(listeners.track_connection(async move {
             if let Err(e) = serve_tcp_conn(&shared, &identity, stream, &limit).await {
                 tracing::debug!(target: "aegis::dns", %peer, error = %e, "DNS TCP connection ended");
             }
-        });
+        }));
     }
 }
 
@@ -235,8 +246,16 @@ async fn serve_tcp_conn(
     mut stream: TcpStream,
     limit: &Semaphore,
 ) -> io::Result<()> {
+    let mut draining = std::pin::pin!(shared.settings.listeners.draining());
     loop {
-        let Ok(len) = timeout(TCP_IDLE, stream.read_u16()).await else {
+        // Between queries a draining agent closes the connection (RFC 7766 section 6.2.3:
+        // clients retry on a new one, which the successor accepts).
+        let len = tokio::select! {
+            biased;
+            () = &mut draining => return Ok(()),
+            len = timeout(TCP_IDLE, stream.read_u16()) => len,
+        };
+        let Ok(len) = len else {
             return Ok(());
         };
         let len = match len {

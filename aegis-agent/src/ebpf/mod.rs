@@ -352,6 +352,32 @@ impl Datapath {
         }
     }
 
+    /// The kernel's entry for a learned address, if any.
+    pub fn learned_value(&self, identity: u32, addr: IpAddr) -> Option<EgressValue> {
+        match addr {
+            IpAddr::V4(a) => self
+                .fqdn4
+                .get(
+                    &Egress4Key {
+                        identity,
+                        addr: a.octets(),
+                    },
+                    0,
+                )
+                .ok(),
+            IpAddr::V6(a) => self
+                .fqdn6
+                .get(
+                    &Egress6Key {
+                        identity,
+                        addr: a.octets(),
+                    },
+                    0,
+                )
+                .ok(),
+        }
+    }
+
     /// Every learned (identity, address, value) in the kernel maps.
     pub fn learned(&self) -> Vec<(u32, IpAddr, EgressValue)> {
         let v4 = self

@@ -158,18 +158,27 @@ impl LearnedStore {
         changes
     }
 
-    /// Takes over an entry found in the kernel map at start-up.
+    /// Takes over an entry found in the kernel map (at start-up, or written by a predecessor
+    /// agent still answering during an upgrade): unknown entries are added, and a known one
+    /// takes the kernel's expiry (and ports) when that is later, so it is never deleted
+    /// before the kernel entry expires.
     pub fn adopt(&mut self, identity: u32, addr: IpAddr, value: &EgressValue) {
-        let learned = Learned {
-            expires_ns: value.expires_ns,
-            ports: ports_of(value),
-            names: BTreeSet::new(),
-            inspect: value.flags & EGRESS_F_INSPECT != 0,
-        };
-        self.by_identity
+        let entry = self
+            .by_identity
             .entry(identity)
             .or_default()
-            .insert(addr, learned);
+            .entry(addr)
+            .or_insert_with(|| Learned {
+                expires_ns: 0,
+                ports: ports_of(value),
+                names: BTreeSet::new(),
+                inspect: false,
+            });
+        if value.expires_ns > entry.expires_ns {
+            entry.expires_ns = value.expires_ns;
+            entry.ports = ports_of(value);
+            entry.inspect = value.flags & EGRESS_F_INSPECT != 0;
+        }
     }
 
     /// Removes every entry that expired at least `retain_ns` before `now_ns`. Until then an
@@ -385,5 +394,22 @@ mod tests {
         let v = egress_value(5, &only(&[53, 443]));
         assert_eq!(ports_of(&v), only(&[53, 443]));
         assert_eq!(ports_of(&egress_value(5, &Ports::Any)), Ports::Any);
+    }
+
+    #[test]
+    fn adoption_keeps_the_later_expiry() {
+        let mut store = LearnedStore::new(8);
+        let a = ip("198.18.1.1");
+        let _ = store.learn(1, a, "x.test", &Ports::Any, false, 100);
+        store.adopt(1, a, &egress_value(50, &Ports::Any));
+        assert_eq!(store.by_identity[&1][&a].expires_ns, 100);
+        assert!(store.by_identity[&1][&a].names.contains("x.test"));
+        store.adopt(1, a, &egress_value(200, &Ports::Any));
+        assert_eq!(store.by_identity[&1][&a].expires_ns, 200);
+        // Not deleted before the later expiry (plus the retention).
+        assert!(store.expire(150, 10).removed.is_empty());
+        assert_eq!(store.expire(300, 10).removed, vec![(1, a)]);
+        store.adopt(2, a, &egress_value(70, &Ports::Any));
+        assert_eq!(store.count(2), 1);
     }
 }

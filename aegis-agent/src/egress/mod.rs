@@ -100,9 +100,9 @@ pub struct Enforcer {
     ports: HashMap<u32, u16>,
     names: HashMap<u32, Identity>,
     level_mask: u32,
-    /// Levels where an earlier agent placed identities, kept in the mask until its stale
-    /// entries are dropped ([`Enforcer::forget_adopted_levels`]): a process in a container
-    /// cgroup below a pinned pod cgroup is found through them.
+    /// cgroup levels an earlier agent's identities sit at, kept in the mask until start-up
+    /// has re-registered (or dropped) them all ([`Enforcer::adoption_done`]): a level missing
+    /// from the mask would let a pod's containers (below a pinned pod cgroup) out unenforced.
     adopted_levels: u32,
     kill: Arc<KillSwitch>,
 }
@@ -278,12 +278,12 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Stops keeping the levels of an earlier agent's identities in the mask (once its stale
-    /// entries are gone).
+    /// Start-up has registered every cgroup it will (and dropped the earlier agent's stale
+    /// entries): the level mask now follows the registered cgroups alone.
     ///
     /// # Errors
     /// The configuration map cannot be written.
-    pub fn forget_adopted_levels(&mut self) -> Result<(), EnforcerError> {
+    pub fn adoption_done(&mut self) -> Result<(), EnforcerError> {
         self.adopted_levels = 0;
         self.update_levels()
     }
@@ -399,11 +399,31 @@ impl Enforcer {
         Ok(added)
     }
 
+    /// Adopts learned addresses another agent process wrote to the kernel (a predecessor
+    /// answering the queries it read before the hand-over): this process then expires them,
+    /// and never deletes an address before the expiry the kernel has for it.
+    pub fn readopt_learned(&mut self) {
+        for (identity, addr, value) in self.datapath.learned() {
+            self.learned.adopt(identity, addr, &value);
+        }
+    }
+
     /// Deletes learned addresses whose TTL ran out more than [`EXPIRED_RETENTION`] ago (the
     /// kernel refuses them from the moment they expire; this frees the map entries).
     pub fn expire(&mut self) -> Result<(), EnforcerError> {
         let retain = u64::try_from(EXPIRED_RETENTION.as_nanos()).unwrap_or(u64::MAX);
-        let changes = self.learned.expire(ebpf::boot_time_ns(), retain);
+        let now = ebpf::boot_time_ns();
+        let mut changes = self.learned.expire(now, retain);
+        // Another agent process (a predecessor during an upgrade) may have extended it.
+        changes.removed.retain(|(identity, addr)| {
+            match self.datapath.learned_value(*identity, *addr) {
+                Some(v) if v.expires_ns.saturating_add(retain) > now => {
+                    self.learned.adopt(*identity, *addr, &v);
+                    false
+                }
+                _ => true,
+            }
+        });
         self.apply_learned(changes)
     }
 

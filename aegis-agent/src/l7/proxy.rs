@@ -32,6 +32,7 @@ use crate::{
     audit::AuditLog,
     budget::{self, BudgetError},
     egress::Enforcer,
+    handover::Listeners,
     identity::Identity,
     killswitch::KillSwitch,
     policy::{Mode, PolicySet},
@@ -55,6 +56,9 @@ pub struct Settings {
     /// Largest request body accepted, in bytes; larger requests get 413 without being read
     /// whole.
     pub max_body: usize,
+    /// Where the listening sockets come from (inherited from a predecessor or bound), and
+    /// when to stop and drain.
+    pub listeners: Listeners,
 }
 
 /// The enforcer: per identity port and listen address, one TLS listener on each of its
@@ -240,9 +244,13 @@ impl L7Proxy {
         }
         let mut listeners = Vec::new();
         for ip in &self.shared.settings.listen {
-            for runtime in self.runtimes.iter() {
-                listeners.push((runtime, reuseport_listener(SocketAddr::new(*ip, port))?));
-            }
+            let group = self
+                .shared
+                .settings
+                .listeners
+                .tcp_group(SocketAddr::new(*ip, port), self.runtimes.len())?;
+            let runtimes = self.runtimes.iter().cycle();
+            listeners.extend(runtimes.zip(group));
         }
         for (runtime, listener) in listeners {
             let (shared, identity) = (self.shared.clone(), identity.clone());
@@ -260,24 +268,20 @@ impl L7Proxy {
     }
 }
 
-/// A non-blocking listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`.
-fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
-}
-
 async fn accept_loop(shared: Arc<Shared>, identity: Identity, listener: TcpListener) {
+    let mut stopped = std::pin::pin!(shared.settings.listeners.stop_accepting());
     loop {
-        match listener.accept().await {
+        // A successor accepts on the same socket once this one stops: nothing queued is lost.
+        let accepted = tokio::select! {
+            biased;
+            () = &mut stopped => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 let (shared, identity) = (shared.clone(), identity.clone());
-                tokio::spawn(async move {
+                let listeners = shared.settings.listeners.clone();
+                tokio::spawn(listeners.track_connection(async move {
                     if let Err(refusal) = serve_conn(&shared, &identity, stream, peer).await {
                         let record = L7Record {
                             peer: peer.to_string(),
@@ -285,7 +289,7 @@ async fn accept_loop(shared: Arc<Shared>, identity: Identity, listener: TcpListe
                         };
                         emit(&shared, &record);
                     }
-                });
+                }));
             }
             Err(e) => {
                 tracing::warn!(target: "aegis::l7", error = %e, "L7 accept failed");
@@ -355,14 +359,27 @@ async fn serve_conn(
         origin: origin_addr,
         upstream: tokio::sync::Mutex::new(None),
     });
+    let draining = shared.settings.listeners.draining();
     let shared = shared.clone();
+    let requested = Arc::new(tokio::sync::Notify::new());
+    let first_request = requested.clone();
     let service = hyper::service::service_fn(move |req| {
         let (shared, conn) = (shared.clone(), conn.clone());
+        first_request.notify_one();
         async move { Ok::<_, hyper::Error>(handle(&shared, &conn, req).await) }
     });
-    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut connection = std::pin::pin!(builder.serve_connection(TokioIo::new(tls), service));
+    // Draining (SIGTERM): the request in flight finishes, then the connection closes (HTTP/2:
+    // GOAWAY). Not before the first request: a connection that has not sent one yet would be
+    // closed under it (hyper-util drops a connection still reading its preface).
+    let served = tokio::select! {
+        r = connection.as_mut() => r,
+        () = async { draining.await; requested.notified().await } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     if let Err(e) = served {
         tracing::debug!(target: "aegis::l7", %peer, error = %e, "L7 connection ended");
     }
