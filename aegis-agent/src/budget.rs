@@ -45,10 +45,13 @@ pub fn periods(
     monthly_usd: Option<f64>,
     now: DateTime<Utc>,
 ) -> Vec<Period> {
+    use chrono::Datelike as _;
+    // Plain integer formatting: this runs for every priced call (strftime parsing is slower).
+    let (year, month, day) = (now.year(), now.month(), now.day());
     let mut out = Vec::new();
     if let Some(d) = daily_usd {
         out.push(Period {
-            key: format!("{identity}|day:{}", now.format("%Y-%m-%d")),
+            key: format!("{identity}|day:{year:04}-{month:02}-{day:02}"),
             limit: micros(d),
             name: "day",
             approval_needed: false,
@@ -56,7 +59,7 @@ pub fn periods(
     }
     if let Some(m) = monthly_usd {
         out.push(Period {
-            key: format!("{identity}|month:{}", now.format("%Y-%m")),
+            key: format!("{identity}|month:{year:04}-{month:02}"),
             limit: micros(m),
             name: "month",
             approval_needed: false,
@@ -213,12 +216,20 @@ impl RedbStore {
             };
             next.push(f(spent, p)?);
         }
+        // The flusher is woken when the first change of a batch arrives; later ones join it.
+        let wake = cache.dirty.is_empty();
         for (p, value) in periods.iter().zip(next) {
-            cache.spent.insert(p.key.clone(), value);
-            cache.dirty.insert(p.key.clone());
+            if let Some(v) = cache.spent.get_mut(&p.key) {
+                *v = value;
+            }
+            if !cache.dirty.contains(&p.key) {
+                cache.dirty.insert(p.key.clone());
+            }
         }
         drop(cache);
-        self.inner.wake.notify_one();
+        if wake {
+            self.inner.wake.notify_one();
+        }
         Ok(())
     }
 }
