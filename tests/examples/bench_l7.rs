@@ -22,7 +22,9 @@
 //! (HTTP/2); percentiles from wrk's own distribution and from h2load's per-request log. Fixed
 //! rate: `h2load --rps` (10 connections × 100 requests/s = 1,000 requests/s), over HTTP/1.1
 //! (`--h1`) and HTTP/2, percentiles from the per-request log. CPU: user+system time of the
-//! enforcer (the agent process) and of the nginx proxy's processes during each run.
+//! enforcer (the agent process) and of the nginx proxy's processes during each run. Before each
+//! measured run the agent must be idle (its log and audit backlog written), so runs do not
+//! bleed into each other.
 //!
 //! Budgets and rate limits: the same enforcer with them off (identity `bench`) and on
 //! (`bench-limited`: every GET charged 1 micro-USD and rate-limited, limits that never bite),
@@ -327,6 +329,7 @@ fn main() {
                         seconds.to_string(),
                     ]);
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    bench.settle();
                     let before = world.audit_records().len();
                     let run = bench.h2load(p, r, &args, "fixed");
                     if i == 0 {
@@ -568,7 +571,24 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// Waits (up to 60 s) until the agent is idle — under 5 % of a core over half a second —
+    /// so a run does not pay for the previous one's backlog (log lines and audit records still
+    /// being written after a saturation run).
+    fn settle(&self) {
+        let node = self.world.node_ns();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let c0 = ns_cpu_seconds(&node, "aegis-agent");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            if ns_cpu_seconds(&node, "aegis-agent") - c0 < 0.025 {
+                return;
+            }
+        }
+        eprintln!("bench: the agent did not settle within 60 s");
+    }
+
     fn saturate(&self, tool: Tool, p: &Route, r: &Req) -> Run {
+        self.settle();
         let cpu0 = p.cpu.map(|(ns, comm)| ns_cpu_seconds(ns, comm));
         let mut run = match tool {
             Tool::Wrk => self.wrk(p, r),

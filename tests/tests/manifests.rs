@@ -269,23 +269,46 @@ fn daemonset_args_are_flags_of_aegis_agent_run() {
         .find_map(|a| a.strip_prefix("--metrics-address="))
         .expect("--metrics-address");
     let port: u16 = metrics.rsplit(':').next().unwrap().parse().unwrap();
-    let ports = c.ports.clone().unwrap_or_default();
+    // With hostNetwork a declared container port becomes a hostPort, which would stop the
+    // scheduler from placing the upgrade's surge pod next to the old one: none is declared.
     assert!(
-        ports
-            .iter()
-            .any(|p| p.container_port == i32::from(port) && p.name.as_deref() == Some("metrics")),
-        "the metrics port {port} is the container's `metrics` port"
+        c.ports.as_ref().is_none_or(Vec::is_empty),
+        "no container ports on a hostNetwork DaemonSet that surges"
     );
-    for (probe, path) in [
-        (&c.liveness_probe, "/healthz"),
-        (&c.readiness_probe, "/readyz"),
-    ] {
-        let get = probe
-            .as_ref()
-            .and_then(|p| p.http_get.clone())
-            .expect("HTTP probes");
-        assert_eq!(get.path.as_deref(), Some(path));
-    }
+    let liveness = c
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.clone())
+        .expect("an HTTP liveness probe");
+    assert_eq!(liveness.path.as_deref(), Some("/healthz"));
+    assert_eq!(
+        liveness.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(port)),
+        "liveness on the metrics port"
+    );
+    // Readiness is this container's own --ready-file (both pods of an upgrade share the ports).
+    let ready_file = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--ready-file="))
+        .expect("--ready-file");
+    let exec = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.exec.clone())
+        .and_then(|e| e.command)
+        .expect("an exec readiness probe");
+    assert_eq!(exec, ["test", "-f", ready_file]);
+    let surge = ds
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.rolling_update.as_ref())
+        .and_then(|r| r.max_surge.clone());
+    assert_eq!(
+        surge,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)),
+        "upgrades hand over to a surge pod"
+    );
     let node_name = c
         .env
         .iter()
