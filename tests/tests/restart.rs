@@ -340,30 +340,58 @@ for line in sys.stdin:
         print("%s %s" % (type(e).__name__, getattr(e, "errno", "")), flush=True)
 "#;
 
+/// [`PROBE`] running as the loop agent in pod 1: one request line in, one answer line out.
+struct Probe {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Probe {
+    fn spawn(w: &World, python: &str) -> Probe {
+        let mut child = w.pod_spawn(1, LOOP_AGENT, &[python, "-c", PROBE]);
+        let input = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Probe {
+            child,
+            input,
+            lines,
+        }
+    }
+
+    /// Sends `line` and waits (30 s at most) for the answer.
+    fn ask(&mut self, w: &World, line: &str) -> String {
+        use std::io::Write as _;
+        writeln!(self.input, "{line}").expect("write to the probe");
+        self.input.flush().expect("flush the probe");
+        self.lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no answer to {line:?}: {e}\n{}", w.diagnostics()))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn sigterm_stops_without_detaching_and_a_restart_adopts() {
     let mut w = world();
     w.start_agent();
     let py = w.python().to_string_lossy().into_owned();
-    let mut probe = w.pod_spawn(1, LOOP_AGENT, &[py.as_str(), "-c", PROBE]);
-    let mut input = probe.stdin.take().expect("piped stdin");
-    let stdout = probe.stdout.take().expect("piped stdout");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut op = |w: &World, line: String| -> String {
-        use std::io::Write as _;
-        writeln!(input, "{line}").expect("write to the probe");
-        input.flush().expect("flush the probe");
-        lines
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("no answer to {line:?}: {e}\n{}", w.diagnostics()))
-    };
+    let mut probe = Probe::spawn(&w, &py);
+    let mut op = |w: &World, line: String| probe.ask(w, &line);
     let allowed = ALLOWED.to_string();
     let evil = EVIL.to_string();
     assert_eq!(op(&w, "resolve allowed.test".into()), allowed);
@@ -403,9 +431,6 @@ fn sigterm_stops_without_detaching_and_a_restart_adopts() {
     assert_eq!(op(&w, "resolve allowed.test".into()), allowed);
     assert_eq!(op(&w, format!("connect {allowed}")), "hello from allowed");
     assert_eq!(op(&w, format!("connect {evil}")), "PermissionError 1");
-    drop(input);
-    let _ = probe.kill();
-    let _ = probe.wait();
 }
 
 /// Answers every control request with the error an agent that predates the hand-over gives
@@ -433,25 +458,8 @@ fn upgrade_from_an_agent_without_hand_over_stays_enforced() {
     let mut w = world();
     w.start_agent();
     let py = w.python().to_string_lossy().into_owned();
-    let mut probe = w.pod_spawn(1, LOOP_AGENT, &[py.as_str(), "-c", PROBE]);
-    let mut input = probe.stdin.take().expect("piped stdin");
-    let stdout = probe.stdout.take().expect("piped stdout");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut op = |w: &World, line: String| -> String {
-        use std::io::Write as _;
-        writeln!(input, "{line}").expect("write to the probe");
-        input.flush().expect("flush the probe");
-        lines
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("no answer to {line:?}: {e}\n{}", w.diagnostics()))
-    };
+    let mut probe = Probe::spawn(&w, &py);
+    let mut op = |w: &World, line: String| probe.ask(w, &line);
     let allowed = ALLOWED.to_string();
     let evil = EVIL.to_string();
     assert_eq!(op(&w, "resolve allowed.test".into()), allowed);
@@ -504,7 +512,4 @@ fn upgrade_from_an_agent_without_hand_over_stays_enforced() {
     );
     assert_eq!(op(&w, format!("connect {allowed}")), "hello from allowed");
     assert!(op(&w, "resolve evil.test".into()).starts_with("gaierror"));
-    drop(input);
-    let _ = probe.kill();
-    let _ = probe.wait();
 }
