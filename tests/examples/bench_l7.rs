@@ -36,7 +36,10 @@
 //! (`policies/`), the regorus evaluation without any I/O.
 //!
 //! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_BENCH_SECONDS` (length of each run,
-//! default 10).
+//! default 10), `AEGIS_BENCH_ONLY=saturation` (only the saturation tables),
+//! `AEGIS_BENCH_PERF=DIR` (`perf record -g` of the agent during each saturation run through the
+//! enforcer, into `DIR/<tool>-<path>.data`; build the agent with frame pointers for useful
+//! call graphs).
 use std::{
     fs,
     net::Ipv4Addr,
@@ -107,8 +110,11 @@ fn main() {
         .policy("bench.yaml", POLICY)
         .policy("bench-limited.yaml", &limited_policy())
         .build();
-    // `AEGIS_BENCH_ONLY=state`: only the budgets-and-rate-limits section.
-    let only_state = std::env::var("AEGIS_BENCH_ONLY").is_ok_and(|v| v == "state");
+    // `AEGIS_BENCH_ONLY=state`: only the budgets-and-rate-limits section;
+    // `AEGIS_BENCH_ONLY=saturation`: only the saturation tables.
+    let only = std::env::var("AEGIS_BENCH_ONLY").unwrap_or_default();
+    let only_state = only == "state";
+    let only_saturation = only == "saturation";
     let dir = world.dir().to_path_buf();
     let (cert, key) = world.server_cert(UPSTREAM);
     let proxy_v4 = pod_gateway_v4(1);
@@ -305,6 +311,9 @@ fn main() {
             println!();
         }
 
+        if only_saturation {
+            return;
+        }
         // === fixed rate ===
         let rate = FIXED_CLIENTS * FIXED_RPS_PER_CLIENT;
         for (proto, extra) in [("HTTP/1.1", &["--h1"][..]), ("HTTP/2", &[][..])] {
@@ -541,6 +550,13 @@ enum Tool {
 }
 
 impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Wrk => "wrk",
+            Self::H2load => "h2load",
+        }
+    }
+
     fn title(self, seconds: u32) -> String {
         match self {
             Self::Wrk => {
@@ -587,9 +603,39 @@ impl Bench<'_> {
         eprintln!("bench: the agent did not settle within 60 s");
     }
 
+    /// `AEGIS_BENCH_PERF=DIR`: samples the agent process with `perf record` (call graphs) while
+    /// the run lasts, into `DIR/NAME.data`; the recorder stops when the guard drops.
+    fn profile(&self, name: &str) -> Option<Profiler> {
+        let dir = std::env::var_os("AEGIS_BENCH_PERF")?;
+        let pid = self.world.agent_pid()?;
+        fs::create_dir_all(&dir).expect("create AEGIS_BENCH_PERF directory");
+        let out = Path::new(&dir).join(format!("{name}.data"));
+        let child = std::process::Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "1999",
+                "-g",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| eprintln!("bench: perf record: {e}"))
+            .ok()?;
+        eprintln!("bench: profiling the agent into {}", out.display());
+        Some(Profiler(child))
+    }
+
     fn saturate(&self, tool: Tool, p: &Route, r: &Req) -> Run {
         self.settle();
         let cpu0 = p.cpu.map(|(ns, comm)| ns_cpu_seconds(ns, comm));
+        let _perf = p
+            .agent
+            .and_then(|_| self.profile(&format!("{}-{}", tool.name(), r.path.replace('/', "_"))));
         let mut run = match tool {
             Tool::Wrk => self.wrk(p, r),
             Tool::H2load => self.h2load(
@@ -764,6 +810,17 @@ fn ok(out: &std::process::Output) {
 }
 
 /// User + system CPU seconds of the processes named `comm` in network namespace `ns`.
+/// A running `perf record`; dropping it stops the recording (SIGINT, so perf writes its file).
+struct Profiler(std::process::Child);
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
 fn ns_cpu_seconds(ns: &str, comm: &str) -> f64 {
     let out = std::process::Command::new("ip")
         .args(["netns", "pids", ns])

@@ -700,9 +700,20 @@ fn daemonset_capabilities_are_enough_to_enforce() {
         describe(&allowed),
         w.diagnostics()
     );
-    w.wait_for_event("the L7 decision", std::time::Duration::from_secs(5), |e| {
-        e["event"] == "l7_decision" && e["decision"] == "allow"
-    });
+    // The L7 decision is recorded (a plain allow is in the audit log; its log line is debug).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !w
+        .audit_records()
+        .iter()
+        .any(|r| r["kind"] == "l7_decision" && r["decision"] == "allow")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no L7 decision recorded\n{}",
+            w.diagnostics()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     w.wait_for_event("the kernel deny", std::time::Duration::from_secs(5), |e| {
         e["event"] == "egress_denied" && e["dst"] == EVIL.to_string()
     });

@@ -20,7 +20,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
 use tracing_subscriber::{
-    EnvFilter, Layer as _, filter::filter_fn, layer::SubscriberExt as _,
+    EnvFilter, Layer as _,
+    filter::{FilterExt as _, filter_fn},
+    layer::SubscriberExt as _,
     util::SubscriberInitExt as _,
 };
 
@@ -166,6 +168,10 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
         .lossy(false)
         .thread_name("aegis-log")
         .finish(std::io::stdout());
+    // The decision spans (`aegis.l7`, `aegis.egress`) exist for OTLP export; their events carry
+    // the same fields, so log lines leave them out (which spares formatting every span's fields
+    // once more per request, and makes the spans free when OTLP is off).
+    let lines = || filter().and(filter_fn(|m| !(m.is_span() && m.target() == EVENT_TARGET)));
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(writer)
@@ -173,11 +179,11 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .with_filter(filter())
+            .with_filter(lines())
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(writer)
-            .with_filter(filter())
+            .with_filter(lines())
             .boxed(),
     };
     let (otel, provider) = match target {
@@ -315,7 +321,8 @@ pub struct L7Record {
     pub latency_us: u64,
 }
 
-/// Logs and exports one L7 decision.
+/// Logs and exports one L7 decision: a span (`aegis.l7`, exported when OTLP is on) and a line
+/// at WARN (deny, approval needed, any shadow-mode `would`), INFO (sanitize) or DEBUG (allow).
 pub fn l7_decision(r: &L7Record) {
     let span = tracing::info_span!(
         target: EVENT_TARGET, "aegis.l7",
@@ -326,6 +333,9 @@ pub fn l7_decision(r: &L7Record) {
     );
     let _enter = span.enter();
     let level_warn = matches!(r.decision, "deny" | "approval_needed") || r.would.is_some();
+    // A plain allow is a debug line (`RUST_LOG=aegis::event=debug`), like DNS's `dns_allowed`:
+    // the audit log and the span hold every decision; the log is for what needs reading.
+    let level_debug = r.decision == "allow" && r.would.is_none();
     macro_rules! emit {
         ($lvl:ident) => {
             tracing::$lvl!(
@@ -340,6 +350,8 @@ pub fn l7_decision(r: &L7Record) {
     }
     if level_warn {
         emit!(warn);
+    } else if level_debug {
+        emit!(debug);
     } else {
         emit!(info);
     }
