@@ -310,17 +310,25 @@ impl L7Engine {
 
     fn run_program(&self, policy: &super::Policy, input: Value) -> Result<Value, L7Error> {
         let program = &self.programs[&policy.rego_id];
-        let result = VM.with_borrow_mut(|slot| {
-            let vm = match slot {
-                Some((loaded, vm)) if Arc::ptr_eq(loaded, program) => vm,
-                _ => {
+        let result = VM.with_borrow_mut(|vms| {
+            let index = match vms
+                .iter()
+                .position(|(loaded, _)| Arc::ptr_eq(loaded, program))
+            {
+                Some(i) => i,
+                None => {
+                    if vms.len() >= MAX_THREAD_VMS {
+                        vms.remove(0);
+                    }
                     let mut vm = RegoVM::new();
                     vm.load_program(Arc::clone(program));
                     vm.set_max_instructions(MAX_INSTRUCTIONS);
                     vm.set_execution_timer_config(Some(self.limit));
-                    &mut slot.insert((Arc::clone(program), vm)).1
+                    vms.push((Arc::clone(program), vm));
+                    vms.len() - 1
                 }
             };
+            let vm = &mut vms[index].1;
             vm.set_input(input);
             let result = vm.execute();
             vm.set_input(Value::Null);
@@ -367,10 +375,15 @@ impl L7Engine {
     }
 }
 
+/// VMs kept per thread (see `VM`).
+const MAX_THREAD_VMS: usize = 64;
+
 thread_local! {
-    /// The VM this thread last ran, with the program it holds: VMs reset their evaluation state
-    /// at every `execute`, and reusing one saves its setup per request.
-    static VM: std::cell::RefCell<Option<(Arc<Program>, RegoVM)>> = const { std::cell::RefCell::new(None) };
+    /// This thread's VMs, one per program (policy) it ran, with the program each holds: VMs
+    /// reset their evaluation state at every `execute`, and reusing one saves its setup per
+    /// request, also when requests of several policies interleave. At most [`MAX_THREAD_VMS`]
+    /// (then the oldest programs' VMs are dropped: after a reload, those of replaced engines).
+    static VM: std::cell::RefCell<Vec<(Arc<Program>, RegoVM)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Compiles one decision rule of a prepared engine to an RVM program.

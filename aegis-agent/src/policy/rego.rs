@@ -77,7 +77,9 @@ within_hours(ns, tz, days, from, to) if {
 
 # outcome(action, violations): deny violations win, then approval_needed ones, then the
 # action's own decision. Reasons are sorted and joined, so decisions are deterministic.
-outcome(action, violations) := {"verdict": "deny", "reason": concat("; ", sort(reasons))} if {
+outcome(action, violations) := {"verdict": action.decision, "reason": action.reason} if {
+	count(violations) == 0
+} else := {"verdict": "deny", "reason": concat("; ", sort(reasons))} if {
 	reasons := {v.reason | some v in violations; v.effect == "deny"}
 	count(reasons) > 0
 } else := {"verdict": "approval_needed", "reason": concat("; ", sort(reasons))} if {
@@ -187,6 +189,12 @@ pub fn num(x: f64) -> String {
 
 /// The Rego module of one policy. `has_ext`: a raw module declares its hook package.
 pub fn compile_policy(policy: &Policy, has_ext: bool) -> String {
+    compile_policy_with(policy, has_ext, true)
+}
+
+/// [`compile_policy`]; `literals: false` sends every action through `lib.decide` (the
+/// reference the literal decisions are tested against).
+pub(crate) fn compile_policy_with(policy: &Policy, has_ext: bool, literals: bool) -> String {
     let file = policy
         .source
         .file_name()
@@ -214,10 +222,7 @@ pub fn compile_policy(policy: &Policy, has_ext: bool) -> String {
     );
     compile_route(w, policy);
     compile_actions(w, policy);
-    let _ = writeln!(
-        w,
-        "decision := lib.decide(policy, route, actions[route.action], violations) if route\n\ndecision := lib.no_action(policy) if not route\n"
-    );
+    compile_decision(w, policy, has_ext, !literals);
     let _ = writeln!(
         w,
         "# A body that could not be parsed into parameters fails every action with constraints.\nviolations contains {{\"effect\": \"deny\", \"reason\": concat(\"\", [\"malformed_body: \", input.body_error])}} if {{\n\tactions[route.action].checks_params\n\tinput.body_error\n}}\n"
@@ -289,30 +294,121 @@ fn compile_route(w: &mut String, policy: &Policy) {
             lit(tool.name.as_str()),
             lit(action.name.as_str()),
         );
-        match tool.host {
-            super::FqdnPattern::Exact(ref h) => {
-                let _ = writeln!(w, "\tinput.host == {}", lit(h));
-            }
-            super::FqdnPattern::Wildcard(ref suffix) => {
-                let _ = writeln!(w, "\tendswith(input.host, {})", lit(suffix));
-            }
-        }
-        match &action.methods {
-            Methods::Any => {}
-            Methods::Only(list) if list.len() == 1 => {
-                let _ = writeln!(w, "\tinput.method == {}", lit(&list[0]));
-            }
-            Methods::Only(list) => {
-                let set: Vec<String> = list.iter().map(|m| lit(m)).collect();
-                let _ = writeln!(w, "\tinput.method in {{{}}}", set.join(", "));
-            }
-        }
-        for line in path_conditions(&action.path) {
+        for line in match_conditions(tool, action) {
             let _ = writeln!(w, "\t{line}");
         }
         let _ = write!(w, "}}");
     }
     let _ = writeln!(w, "\n");
+}
+
+/// The Rego conditions (one per line) that a request is for `action` of `tool`: host, method,
+/// path.
+fn match_conditions(tool: &Tool, action: &Action) -> Vec<String> {
+    let mut lines = vec![match tool.host {
+        super::FqdnPattern::Exact(ref h) => format!("input.host == {}", lit(h)),
+        super::FqdnPattern::Wildcard(ref suffix) => {
+            format!("endswith(input.host, {})", lit(suffix))
+        }
+    }];
+    match &action.methods {
+        Methods::Any => {}
+        Methods::Only(list) if list.len() == 1 => {
+            lines.push(format!("input.method == {}", lit(&list[0])));
+        }
+        Methods::Only(list) => {
+            let set: Vec<String> = list.iter().map(|m| lit(m)).collect();
+            lines.push(format!("input.method in {{{}}}", set.join(", ")));
+        }
+    }
+    lines.extend(path_conditions(&action.path));
+    lines
+}
+
+/// Whether nothing but the route decides `action`: no parameter constraints, no business
+/// hours, no raw hook module (`has_ext`), so no violation can apply.
+fn fixed_by_route(action: &Action, has_ext: bool) -> bool {
+    action.params.is_empty() && action.hours.is_none() && !has_ext
+}
+
+/// `decision`: one `else` chain over the actions in file order (the same order as `route`).
+/// An action [`fixed_by_route`] yields its decision document as a literal, written out here
+/// with the policy's mode applied; any other goes through `lib.decide` with its violations.
+/// No match: `lib.no_action`. Literals spare the evaluator the rule and function calls of
+/// `lib.decide` on what is, for most routes, a constant (regorus's VM pays a few microseconds
+/// per rule call); `lib.decide` stays the reference of what the literal holds, which the unit
+/// tests check.
+fn compile_decision(w: &mut String, policy: &Policy, has_ext: bool, no_literals: bool) {
+    let actions: Vec<(&Tool, &Action)> = policy
+        .tools
+        .iter()
+        .flat_map(|t| t.actions.iter().map(move |a| (t, a)))
+        .collect();
+    if actions.is_empty() {
+        let _ = writeln!(w, "decision := lib.no_action(policy)\n");
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "# The decision of the first matching action, in file order (as `route`); literal where no\n# violation can apply, lib.decide otherwise."
+    );
+    for (i, (tool, action)) in actions.iter().enumerate() {
+        let head = if i == 0 { "decision :=" } else { "else :=" };
+        let route = format!(
+            "{{\"tool\": {}, \"action\": {}}}",
+            lit(tool.name.as_str()),
+            lit(action.name.as_str())
+        );
+        let value = if fixed_by_route(action, has_ext || no_literals) {
+            let decision = action.decision.as_str();
+            let (verdict, would) = match policy.mode {
+                super::Mode::Enforce => (lit(decision), "null".to_owned()),
+                super::Mode::Shadow => (lit("allow"), lit(decision)),
+            };
+            let sanitize: Vec<String> = action.sanitize.iter().map(|s| lit(s.as_str())).collect();
+            format!(
+                "{{\"verdict\": {verdict}, \"would\": {would}, \"reason\": {}, \"tool\": {}, \"action\": {}, \"sanitize\": [{}], \"price_usd\": {}, \"version\": {}, \"mode\": {}}}",
+                lit(&action_reason(action)),
+                lit(tool.name.as_str()),
+                lit(action.name.as_str()),
+                sanitize.join(", "),
+                action.price_usd.map_or_else(|| "null".to_owned(), num),
+                policy.version,
+                lit(mode_str(policy)),
+            )
+        } else {
+            format!(
+                "lib.decide(policy, {route}, actions[{}], violations)",
+                lit(action.name.as_str())
+            )
+        };
+        let _ = writeln!(
+            w,
+            "# {} {} {} {}\n{head} {value} if {{",
+            tool.name,
+            action.name,
+            methods_str(action),
+            action.path.pattern,
+        );
+        for line in match_conditions(tool, action) {
+            let _ = writeln!(w, "\t{line}");
+        }
+        let _ = writeln!(w, "}}");
+    }
+    let _ = writeln!(w, "else := lib.no_action(policy)\n");
+}
+
+/// The reason of an action's own decision, before its constraints.
+fn action_reason(action: &Action) -> String {
+    match action.decision {
+        L7Verdict::Allow => "allowed".to_owned(),
+        L7Verdict::Deny => format!("action_denied: {}", action.name),
+        L7Verdict::Sanitize => {
+            let names: Vec<&str> = action.sanitize.iter().map(|s| s.as_str()).collect();
+            format!("sanitize: {}", names.join(", "))
+        }
+        L7Verdict::ApprovalNeeded => format!("approval_required: {}", action.name),
+    }
 }
 
 /// The Rego conditions (one per line) that `input.path` matches a path pattern: equality for a
@@ -359,15 +455,7 @@ fn compile_actions(w: &mut String, policy: &Policy) {
     );
     for tool in &policy.tools {
         for action in &tool.actions {
-            let reason = match action.decision {
-                L7Verdict::Allow => "allowed".to_owned(),
-                L7Verdict::Deny => format!("action_denied: {}", action.name),
-                L7Verdict::Sanitize => {
-                    let names: Vec<&str> = action.sanitize.iter().map(|s| s.as_str()).collect();
-                    format!("sanitize: {}", names.join(", "))
-                }
-                L7Verdict::ApprovalNeeded => format!("approval_required: {}", action.name),
-            };
+            let reason = action_reason(action);
             let sanitize: Vec<String> = action.sanitize.iter().map(|s| lit(s.as_str())).collect();
             let _ = writeln!(
                 w,

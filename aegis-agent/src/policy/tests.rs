@@ -649,3 +649,99 @@ fn path_patterns_route_as_their_regex() {
         }
     }
 }
+
+/// The decision documents the compiler writes out as literals (actions no violation can apply
+/// to) equal what `lib.decide` computes for them: over the shipped policies and extra ones in
+/// both modes, with prices, every request routed to every action, on the interpreter.
+#[test]
+fn literal_decisions_equal_lib_decide() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(examples_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    write(
+        dir.path(),
+        "x.yaml",
+        "agent: x\nversion: 9\nmode: shadow\negress:\n  - fqdn: \"*.example.org\"\n    inspect: true\ntools:\n  - name: w\n    host: \"*.example.org\"\n    actions:\n      - { name: get, method: GET, path: /v1/** , price_usd: 0.25 }\n      - { name: del, method: DELETE, path: /v1/*/x, decision: deny }\n      - { name: put, method: [PUT, PATCH], path: /p, decision: approval_needed }\n      - { name: post, method: POST, path: /s, decision: sanitize, sanitize: [email] }\n",
+    );
+    write(
+        dir.path(),
+        "y.yaml",
+        "agent: y\nversion: 2\negress:\n  - fqdn: api.example.com\n    inspect: true\ntools:\n  - name: t\n    host: api.example.com\n    actions:\n      - { name: a, method: \"*\", path: /a, price_usd: 1.5 }\n      - { name: b, method: GET, path: /** , decision: approval_needed }\n",
+    );
+    let set = PolicySet::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let engine = |literals: bool| {
+        let mut engine = regorus::Engine::new();
+        engine
+            .add_policy(super::rego::LIB_FILE.into(), super::rego::LIB.into())
+            .unwrap();
+        for m in set.rego_modules() {
+            engine
+                .add_policy(m.source.display().to_string(), m.text.clone())
+                .unwrap();
+        }
+        for policy in set.sorted() {
+            let has_ext = set.rego_modules().iter().any(|m| {
+                super::engine::declared_package(&m.text) == Some(super::rego::ext_package(policy))
+            });
+            let text = super::rego::compile_policy_with(policy, has_ext, literals);
+            engine
+                .add_policy(format!("{}.rego", policy.source.display()), text)
+                .unwrap();
+        }
+        engine
+    };
+    let (mut literal, mut reference) = (engine(true), engine(false));
+    let mut compared = 0;
+    let mut literal_routes = 0;
+    for policy in set.sorted() {
+        let rule = super::rego::decision_rule(policy);
+        let compiled = super::rego::compile_policy(policy, false);
+        for tool in &policy.tools {
+            let host = match &tool.host {
+                super::FqdnPattern::Exact(h) => h.clone(),
+                super::FqdnPattern::Wildcard(suffix) => format!("a{suffix}"),
+            };
+            for action in &tool.actions {
+                let methods: Vec<String> = match &action.methods {
+                    super::l7::Methods::Any => vec!["GET".into(), "TRACE".into()],
+                    super::l7::Methods::Only(list) => list.clone(),
+                };
+                let path = action
+                    .path
+                    .pattern
+                    .replace("/**", "/deep/er")
+                    .replace('*', "seg");
+                literal_routes += usize::from(compiled.contains(&format!(
+                    "\"action\": {}, \"sanitize\"",
+                    serde_json::to_string(action.name.as_str()).unwrap()
+                )));
+                for method in &methods {
+                    for body in [&b""[..], br##"{"amount": 12, "channel": "#support"}"##] {
+                        let mut req = request(policy.agent.as_str(), &host, method, &path, body);
+                        if let Some(t) = &policy.tenant {
+                            req.tenant = t.as_str();
+                        }
+                        let input = super::input::build(&req, &host, &path);
+                        let eval = |e: &mut regorus::Engine| {
+                            e.set_input(input.clone());
+                            e.eval_rule(rule.clone()).unwrap()
+                        };
+                        let (got, want) = (eval(&mut literal), eval(&mut reference));
+                        assert_eq!(got, want, "{rule} {method} {host}{path}");
+                        assert_ne!(got, regorus::Value::Undefined, "{rule} {method} {path}");
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 40, "{compared}");
+    assert!(
+        literal_routes >= 8,
+        "literal decisions compared: {literal_routes}"
+    );
+}

@@ -50,7 +50,9 @@ within_hours(ns, tz, days, from, to) if {
 
 # outcome(action, violations): deny violations win, then approval_needed ones, then the
 # action's own decision. Reasons are sorted and joined, so decisions are deterministic.
-outcome(action, violations) := {"verdict": "deny", "reason": concat("; ", sort(reasons))} if {
+outcome(action, violations) := {"verdict": action.decision, "reason": action.reason} if {
+	count(violations) == 0
+} else := {"verdict": "deny", "reason": concat("; ", sort(reasons))} if {
 	reasons := {v.reason | some v in violations; v.effect == "deny"}
 	count(reasons) > 0
 } else := {"verdict": "approval_needed", "reason": concat("; ", sort(reasons))} if {

@@ -47,9 +47,28 @@ actions := {
 	},
 }
 
-decision := lib.decide(policy, route, actions[route.action], violations) if route
-
-decision := lib.no_action(policy) if not route
+# The decision of the first matching action, in file order (as `route`); literal where no
+# violation can apply, lib.decide otherwise.
+# deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches
+decision := lib.decide(policy, {"tool": "deploy-service", "action": "dispatch_deploy"}, actions["dispatch_deploy"], violations) if {
+	input.host == "api.github.com"
+	input.method == "POST"
+	count(input.segments) == 7
+	input.segments[0] == "repos"
+	input.segments[1] == "acme"
+	input.segments[2] != ""
+	input.segments[3] == "actions"
+	input.segments[4] == "workflows"
+	input.segments[5] == "deploy.yml"
+	input.segments[6] == "dispatches"
+}
+# deploy-service read_repos GET /repos/acme/**
+else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "deploy-service", "action": "read_repos", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	input.host == "api.github.com"
+	input.method == "GET"
+	lib.path_under(input.path, "/repos/acme")
+}
+else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
 violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {

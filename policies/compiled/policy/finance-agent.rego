@@ -66,9 +66,33 @@ actions := {
 	},
 }
 
-decision := lib.decide(policy, route, actions[route.action], violations) if route
-
-decision := lib.no_action(policy) if not route
+# The decision of the first matching action, in file order (as `route`); literal where no
+# violation can apply, lib.decide otherwise.
+# stripe-payments create_payment POST /v1/payment_intents
+decision := lib.decide(policy, {"tool": "stripe-payments", "action": "create_payment"}, actions["create_payment"], violations) if {
+	input.host == "api.stripe.com"
+	input.method == "POST"
+	input.path == "/v1/payment_intents"
+}
+# stripe-payments create_refund POST /v1/refunds
+else := lib.decide(policy, {"tool": "stripe-payments", "action": "create_refund"}, actions["create_refund"], violations) if {
+	input.host == "api.stripe.com"
+	input.method == "POST"
+	input.path == "/v1/refunds"
+}
+# stripe-payments read GET,HEAD /v1/**
+else := lib.decide(policy, {"tool": "stripe-payments", "action": "read"}, actions["read"], violations) if {
+	input.host == "api.stripe.com"
+	input.method in {"GET", "HEAD"}
+	lib.path_under(input.path, "/v1")
+}
+# slack-receipts post_receipt POST /services/**
+else := lib.decide(policy, {"tool": "slack-receipts", "action": "post_receipt"}, actions["post_receipt"], violations) if {
+	input.host == "hooks.slack.com"
+	input.method == "POST"
+	lib.path_under(input.path, "/services")
+}
+else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
 violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {

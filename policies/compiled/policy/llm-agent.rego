@@ -53,9 +53,27 @@ actions := {
 	},
 }
 
-decision := lib.decide(policy, route, actions[route.action], violations) if route
-
-decision := lib.no_action(policy) if not route
+# The decision of the first matching action, in file order (as `route`); literal where no
+# violation can apply, lib.decide otherwise.
+# openai-api chat_completions POST /v1/chat/completions
+decision := lib.decide(policy, {"tool": "openai-api", "action": "chat_completions"}, actions["chat_completions"], violations) if {
+	input.host == "api.openai.com"
+	input.method == "POST"
+	input.path == "/v1/chat/completions"
+}
+# openai-api list_models GET /v1/models
+else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "openai-api", "action": "list_models", "sanitize": [], "price_usd": null, "version": 3, "mode": "enforce"} if {
+	input.host == "api.openai.com"
+	input.method == "GET"
+	input.path == "/v1/models"
+}
+# anthropic-api messages POST /v1/messages
+else := lib.decide(policy, {"tool": "anthropic-api", "action": "messages"}, actions["messages"], violations) if {
+	input.host == "api.anthropic.com"
+	input.method == "POST"
+	input.path == "/v1/messages"
+}
+else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
 violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {

@@ -27,9 +27,15 @@ actions := {
 	},
 }
 
-decision := lib.decide(policy, route, actions[route.action], violations) if route
-
-decision := lib.no_action(policy) if not route
+# The decision of the first matching action, in file order (as `route`); literal where no
+# violation can apply, lib.decide otherwise.
+# slack chat.postMessage POST /api/chat.postMessage
+decision := lib.decide(policy, {"tool": "slack", "action": "chat.postMessage"}, actions["chat.postMessage"], violations) if {
+	input.host == "slack.com"
+	input.method == "POST"
+	input.path == "/api/chat.postMessage"
+}
+else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
 violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {

@@ -74,9 +74,41 @@ actions := {
 	},
 }
 
-decision := lib.decide(policy, route, actions[route.action], violations) if route
-
-decision := lib.no_action(policy) if not route
+# The decision of the first matching action, in file order (as `route`); literal where no
+# violation can apply, lib.decide otherwise.
+# slack chat.postMessage POST /api/chat.postMessage
+decision := lib.decide(policy, {"tool": "slack", "action": "chat.postMessage"}, actions["chat.postMessage"], violations) if {
+	input.host == "slack.com"
+	input.method == "POST"
+	input.path == "/api/chat.postMessage"
+}
+# zendesk read_tickets GET /api/v2/tickets/**
+else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "zendesk", "action": "read_tickets", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	input.host == "api.zendesk.com"
+	input.method == "GET"
+	lib.path_under(input.path, "/api/v2/tickets")
+}
+# zendesk update_ticket PUT /api/v2/tickets/*
+else := lib.decide(policy, {"tool": "zendesk", "action": "update_ticket"}, actions["update_ticket"], violations) if {
+	input.host == "api.zendesk.com"
+	input.method == "PUT"
+	count(input.segments) == 4
+	input.segments[0] == "api"
+	input.segments[1] == "v2"
+	input.segments[2] == "tickets"
+	input.segments[3] != ""
+}
+# zendesk delete_ticket DELETE /api/v2/tickets/*
+else := {"verdict": "deny", "would": null, "reason": "action_denied: delete_ticket", "tool": "zendesk", "action": "delete_ticket", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	input.host == "api.zendesk.com"
+	input.method == "DELETE"
+	count(input.segments) == 4
+	input.segments[0] == "api"
+	input.segments[1] == "v2"
+	input.segments[2] == "tickets"
+	input.segments[3] != ""
+}
+else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
 violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
