@@ -225,7 +225,7 @@ pub(crate) fn compile_policy_with(policy: &Policy, has_ext: bool, literals: bool
     compile_decision(w, policy, has_ext, !literals);
     let _ = writeln!(
         w,
-        "# A body that could not be parsed into parameters fails every action with constraints.\nviolations contains {{\"effect\": \"deny\", \"reason\": concat(\"\", [\"malformed_body: \", input.body_error])}} if {{\n\tactions[route.action].checks_params\n\tinput.body_error\n}}\n"
+        "# A body that could not be parsed into parameters fails every action with constraints.\nmalformed_body contains {{\"effect\": \"deny\", \"reason\": concat(\"\", [\"malformed_body: \", input.body_error])}} if {{\n\tinput.body_error\n}}\n\nviolations contains v if {{\n\tactions[route.action].checks_params\n\tsome v in malformed_body\n}}\n"
     );
     if has_ext {
         let _ = writeln!(
@@ -331,13 +331,18 @@ fn fixed_by_route(action: &Action, has_ext: bool) -> bool {
     action.params.is_empty() && action.hours.is_none() && !has_ext
 }
 
-/// `decision`: one `else` chain over the actions in file order (the same order as `route`).
-/// An action [`fixed_by_route`] yields its decision document as a literal, written out here
-/// with the policy's mode applied; any other goes through `lib.decide` with its violations.
-/// No match: `lib.no_action`. Literals spare the evaluator the rule and function calls of
-/// `lib.decide` on what is, for most routes, a constant (regorus's VM pays a few microseconds
-/// per rule call); `lib.decide` stays the reference of what the literal holds, which the unit
-/// tests check.
+/// `decision`: one `else` chain over the actions in file order (the same order as `route`),
+/// each branch the decision document of its action with the policy's mode applied here:
+///
+/// - an action [`fixed_by_route`]: a literal;
+/// - an action with constraints or hours, in a policy without a raw hook module: its outcome
+///   over its own checks (and `malformed_body` when it has parameters) by `lib.outcome`;
+/// - otherwise (hooks can add violations to any action): `lib.decide` over `violations`.
+///
+/// No match: `lib.no_action`. This spares regorus's VM the rule and function calls of
+/// `lib.decide` (a few microseconds each): a GET routed to an unconstrained action is a
+/// literal. `lib.decide` over `violations` stays the reference (`no_literals` compiles every
+/// branch to it), which the unit tests compare with.
 fn compile_decision(w: &mut String, policy: &Policy, has_ext: bool, no_literals: bool) {
     let actions: Vec<(&Tool, &Action)> = policy
         .tools
@@ -350,37 +355,35 @@ fn compile_decision(w: &mut String, policy: &Policy, has_ext: bool, no_literals:
     }
     let _ = writeln!(
         w,
-        "# The decision of the first matching action, in file order (as `route`); literal where no\n# violation can apply, lib.decide otherwise."
+        "# The decision of the first matching action, in file order (as `route`); a literal where\n# no violation can apply."
     );
-    for (i, (tool, action)) in actions.iter().enumerate() {
-        let head = if i == 0 { "decision :=" } else { "else :=" };
-        let route = format!(
-            "{{\"tool\": {}, \"action\": {}}}",
-            lit(tool.name.as_str()),
-            lit(action.name.as_str())
-        );
-        let value = if fixed_by_route(action, has_ext || no_literals) {
-            let decision = action.decision.as_str();
-            let (verdict, would) = match policy.mode {
-                super::Mode::Enforce => (lit(decision), "null".to_owned()),
-                super::Mode::Shadow => (lit("allow"), lit(decision)),
-            };
-            let sanitize: Vec<String> = action.sanitize.iter().map(|s| lit(s.as_str())).collect();
+    for (index, (tool, action)) in actions.iter().enumerate() {
+        let head = if index == 0 { "decision :=" } else { "else :=" };
+        let name = lit(action.name.as_str());
+        let mut body = match_conditions(tool, action);
+        let value = if no_literals || has_ext {
             format!(
-                "{{\"verdict\": {verdict}, \"would\": {would}, \"reason\": {}, \"tool\": {}, \"action\": {}, \"sanitize\": [{}], \"price_usd\": {}, \"version\": {}, \"mode\": {}}}",
-                lit(&action_reason(action)),
+                "lib.decide(policy, {{\"tool\": {}, \"action\": {name}}}, actions[{name}], violations)",
                 lit(tool.name.as_str()),
-                lit(action.name.as_str()),
-                sanitize.join(", "),
-                action.price_usd.map_or_else(|| "null".to_owned(), num),
-                policy.version,
-                lit(mode_str(policy)),
+            )
+        } else if fixed_by_route(action, has_ext) {
+            decision_document(
+                policy,
+                tool,
+                action,
+                &lit(action.decision.as_str()),
+                &lit(&action_reason(action)),
             )
         } else {
-            format!(
-                "lib.decide(policy, {route}, actions[{}], violations)",
-                lit(action.name.as_str())
-            )
+            let mut sets = vec![checks_set(action, index)];
+            if !action.params.is_empty() {
+                sets.push("malformed_body".to_owned());
+            }
+            body.push(format!(
+                "o := lib.outcome(actions[{name}], {})",
+                sets.join(" | ")
+            ));
+            decision_document(policy, tool, action, "o.verdict", "o.reason")
         };
         let _ = writeln!(
             w,
@@ -390,12 +393,48 @@ fn compile_decision(w: &mut String, policy: &Policy, has_ext: bool, no_literals:
             methods_str(action),
             action.path.pattern,
         );
-        for line in match_conditions(tool, action) {
+        for line in body {
             let _ = writeln!(w, "\t{line}");
         }
         let _ = writeln!(w, "}}");
     }
     let _ = writeln!(w, "else := lib.no_action(policy)\n");
+}
+
+/// The decision document of `action` (the shape `lib.decide` builds) with its verdict and
+/// reason given as Rego expressions, the policy's mode applied.
+fn decision_document(
+    policy: &Policy,
+    tool: &Tool,
+    action: &Action,
+    verdict: &str,
+    reason: &str,
+) -> String {
+    let (verdict, would) = match policy.mode {
+        super::Mode::Enforce => (verdict.to_owned(), "null".to_owned()),
+        super::Mode::Shadow => (lit("allow"), verdict.to_owned()),
+    };
+    let sanitize: Vec<String> = action.sanitize.iter().map(|s| lit(s.as_str())).collect();
+    format!(
+        "{{\"verdict\": {verdict}, \"would\": {would}, \"reason\": {reason}, \"tool\": {}, \"action\": {}, \"sanitize\": [{}], \"price_usd\": {}, \"version\": {}, \"mode\": {}}}",
+        lit(tool.name.as_str()),
+        lit(action.name.as_str()),
+        sanitize.join(", "),
+        action.price_usd.map_or_else(|| "null".to_owned(), num),
+        policy.version,
+        lit(mode_str(policy)),
+    )
+}
+
+/// Name of the set rule of an action's checks (`index`: the action's place in file order).
+fn checks_set(action: &Action, index: usize) -> String {
+    let ident: String = action
+        .name
+        .as_str()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("checks_{index}_{ident}")
 }
 
 /// The reason of an action's own decision, before its constraints.
@@ -479,13 +518,7 @@ fn compile_checks(w: &mut String, tool: &Tool, action: &Action, index: usize) {
     if action.params.is_empty() && action.hours.is_none() {
         return;
     }
-    let ident: String = action
-        .name
-        .as_str()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let set = format!("checks_{index}_{ident}");
+    let set = checks_set(action, index);
     let _ = writeln!(
         w,
         "# === {} {} {} {} ===\n\nviolations contains v if {{\n\troute.action == {}\n\tsome v in {set}\n}}\n",

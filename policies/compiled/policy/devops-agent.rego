@@ -47,10 +47,10 @@ actions := {
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); literal where no
-# violation can apply, lib.decide otherwise.
+# The decision of the first matching action, in file order (as `route`); a literal where
+# no violation can apply.
 # deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches
-decision := lib.decide(policy, {"tool": "deploy-service", "action": "dispatch_deploy"}, actions["dispatch_deploy"], violations) if {
+decision := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "deploy-service", "action": "dispatch_deploy", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
 	input.host == "api.github.com"
 	input.method == "POST"
 	count(input.segments) == 7
@@ -61,6 +61,7 @@ decision := lib.decide(policy, {"tool": "deploy-service", "action": "dispatch_de
 	input.segments[4] == "workflows"
 	input.segments[5] == "deploy.yml"
 	input.segments[6] == "dispatches"
+	o := lib.outcome(actions["dispatch_deploy"], checks_0_dispatch_deploy | malformed_body)
 }
 # deploy-service read_repos GET /repos/acme/**
 else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "deploy-service", "action": "read_repos", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
@@ -71,9 +72,13 @@ else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "deploy
 else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
-violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	actions[route.action].checks_params
+malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
 	input.body_error
+}
+
+violations contains v if {
+	actions[route.action].checks_params
+	some v in malformed_body
 }
 
 # === deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches ===

@@ -66,8 +66,8 @@ actions := {
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); literal where no
-# violation can apply, lib.decide otherwise.
+# The decision of the first matching action, in file order (as `route`); a literal where
+# no violation can apply.
 # stripe-payments create_payment POST /v1/payment_intents
 decision := lib.decide(policy, {"tool": "stripe-payments", "action": "create_payment"}, actions["create_payment"], violations) if {
 	input.host == "api.stripe.com"
@@ -95,9 +95,13 @@ else := lib.decide(policy, {"tool": "slack-receipts", "action": "post_receipt"},
 else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
-violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	actions[route.action].checks_params
+malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
 	input.body_error
+}
+
+violations contains v if {
+	actions[route.action].checks_params
+	some v in malformed_body
 }
 
 # Hooks: rules of the raw module(s) in package aegis.ext.finance_agent.

@@ -53,13 +53,14 @@ actions := {
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); literal where no
-# violation can apply, lib.decide otherwise.
+# The decision of the first matching action, in file order (as `route`); a literal where
+# no violation can apply.
 # openai-api chat_completions POST /v1/chat/completions
-decision := lib.decide(policy, {"tool": "openai-api", "action": "chat_completions"}, actions["chat_completions"], violations) if {
+decision := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "openai-api", "action": "chat_completions", "sanitize": ["email", "phone", "ssn", "card", "api_key"], "price_usd": null, "version": 3, "mode": "enforce"} if {
 	input.host == "api.openai.com"
 	input.method == "POST"
 	input.path == "/v1/chat/completions"
+	o := lib.outcome(actions["chat_completions"], checks_0_chat_completions | malformed_body)
 }
 # openai-api list_models GET /v1/models
 else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "openai-api", "action": "list_models", "sanitize": [], "price_usd": null, "version": 3, "mode": "enforce"} if {
@@ -68,17 +69,22 @@ else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "openai
 	input.path == "/v1/models"
 }
 # anthropic-api messages POST /v1/messages
-else := lib.decide(policy, {"tool": "anthropic-api", "action": "messages"}, actions["messages"], violations) if {
+else := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "anthropic-api", "action": "messages", "sanitize": [], "price_usd": null, "version": 3, "mode": "enforce"} if {
 	input.host == "api.anthropic.com"
 	input.method == "POST"
 	input.path == "/v1/messages"
+	o := lib.outcome(actions["messages"], checks_2_messages | malformed_body)
 }
 else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
-violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	actions[route.action].checks_params
+malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
 	input.body_error
+}
+
+violations contains v if {
+	actions[route.action].checks_params
+	some v in malformed_body
 }
 
 # === openai-api chat_completions POST /v1/chat/completions ===

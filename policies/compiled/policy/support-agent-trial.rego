@@ -27,20 +27,25 @@ actions := {
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); literal where no
-# violation can apply, lib.decide otherwise.
+# The decision of the first matching action, in file order (as `route`); a literal where
+# no violation can apply.
 # slack chat.postMessage POST /api/chat.postMessage
-decision := lib.decide(policy, {"tool": "slack", "action": "chat.postMessage"}, actions["chat.postMessage"], violations) if {
+decision := {"verdict": "allow", "would": o.verdict, "reason": o.reason, "tool": "slack", "action": "chat.postMessage", "sanitize": ["email", "phone", "ssn", "card"], "price_usd": null, "version": 1, "mode": "shadow"} if {
 	input.host == "slack.com"
 	input.method == "POST"
 	input.path == "/api/chat.postMessage"
+	o := lib.outcome(actions["chat.postMessage"], checks_0_chat_postMessage | malformed_body)
 }
 else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
-violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	actions[route.action].checks_params
+malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
 	input.body_error
+}
+
+violations contains v if {
+	actions[route.action].checks_params
+	some v in malformed_body
 }
 
 # === slack chat.postMessage POST /api/chat.postMessage ===

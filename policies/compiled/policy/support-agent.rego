@@ -74,13 +74,14 @@ actions := {
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); literal where no
-# violation can apply, lib.decide otherwise.
+# The decision of the first matching action, in file order (as `route`); a literal where
+# no violation can apply.
 # slack chat.postMessage POST /api/chat.postMessage
-decision := lib.decide(policy, {"tool": "slack", "action": "chat.postMessage"}, actions["chat.postMessage"], violations) if {
+decision := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "slack", "action": "chat.postMessage", "sanitize": ["email", "phone", "ssn", "card"], "price_usd": null, "version": 2, "mode": "enforce"} if {
 	input.host == "slack.com"
 	input.method == "POST"
 	input.path == "/api/chat.postMessage"
+	o := lib.outcome(actions["chat.postMessage"], checks_0_chat_postMessage | malformed_body)
 }
 # zendesk read_tickets GET /api/v2/tickets/**
 else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "zendesk", "action": "read_tickets", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
@@ -89,7 +90,7 @@ else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "zendes
 	lib.path_under(input.path, "/api/v2/tickets")
 }
 # zendesk update_ticket PUT /api/v2/tickets/*
-else := lib.decide(policy, {"tool": "zendesk", "action": "update_ticket"}, actions["update_ticket"], violations) if {
+else := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "zendesk", "action": "update_ticket", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
 	input.host == "api.zendesk.com"
 	input.method == "PUT"
 	count(input.segments) == 4
@@ -97,6 +98,7 @@ else := lib.decide(policy, {"tool": "zendesk", "action": "update_ticket"}, actio
 	input.segments[1] == "v2"
 	input.segments[2] == "tickets"
 	input.segments[3] != ""
+	o := lib.outcome(actions["update_ticket"], checks_2_update_ticket | malformed_body)
 }
 # zendesk delete_ticket DELETE /api/v2/tickets/*
 else := {"verdict": "deny", "would": null, "reason": "action_denied: delete_ticket", "tool": "zendesk", "action": "delete_ticket", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
@@ -111,9 +113,13 @@ else := {"verdict": "deny", "would": null, "reason": "action_denied: delete_tick
 else := lib.no_action(policy)
 
 # A body that could not be parsed into parameters fails every action with constraints.
-violations contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	actions[route.action].checks_params
+malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
 	input.body_error
+}
+
+violations contains v if {
+	actions[route.action].checks_params
+	some v in malformed_body
 }
 
 # === slack chat.postMessage POST /api/chat.postMessage ===
