@@ -179,8 +179,10 @@ impl Refusal {
 struct Conn {
     identity: Identity,
     sni: String,
-    peer: SocketAddr,
     origin: SocketAddr,
+    /// The record fields every request of the connection repeats (identity, SNI, addresses),
+    /// formatted once.
+    record: L7Record,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
 
@@ -361,11 +363,17 @@ async fn serve_conn(
         .await
         .map_err(|_| Refusal::Handshake(io::ErrorKind::TimedOut.into()))?
         .map_err(Refusal::Handshake)?;
+    let record = L7Record {
+        sni: sni.clone(),
+        dst: origin_addr.to_string(),
+        peer: peer.to_string(),
+        ..identity_record(identity)
+    };
     let conn = Arc::new(Conn {
         identity: identity.clone(),
         sni,
-        peer,
         origin: origin_addr,
+        record,
         upstream: tokio::sync::Mutex::new(None),
     });
     let draining = shared.settings.listeners.draining();
@@ -1057,16 +1065,21 @@ fn absolute(host: &str, uri: &http::Uri) -> Result<http::Uri, String> {
 
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1).
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<http::HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter_map(|s| http::HeaderName::from_bytes(s.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // RFC 9110 section 7.6.1: the headers the Connection header names are hop-by-hop too.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<http::HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+            .filter_map(|s| http::HeaderName::from_bytes(s.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
+    const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
     for name in [
         header::CONNECTION,
         header::PROXY_AUTHENTICATE,
@@ -1075,11 +1088,11 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
         header::TRAILER,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
     ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
@@ -1144,12 +1157,7 @@ fn decision_response(d: &Decision, approval: Option<&Approval>) -> Response<Body
 
 /// The fields every record of a connection shares.
 fn conn_record(conn: &Conn) -> L7Record {
-    L7Record {
-        sni: conn.sni.clone(),
-        dst: conn.origin.to_string(),
-        peer: conn.peer.to_string(),
-        ..identity_record(&conn.identity)
-    }
+    conn.record.clone()
 }
 
 /// A record naming only the identity; a decision fills in the rest. Until then it says
