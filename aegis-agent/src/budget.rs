@@ -116,7 +116,7 @@ pub trait BudgetStore: Send + Sync {
 /// under one lock (atomic, so concurrent calls never overspend), and written behind to redb by a
 /// flusher thread that commits every changed key in one fsync'd transaction at most every
 /// [`COMMIT_INTERVAL`] (group commit). A crash loses at most the charges of the last interval
-/// (100 ms) and of the commit in progress; a clean shutdown (drop) flushes everything.
+/// (10 ms) and of the commit in progress; a clean shutdown (drop) flushes everything.
 ///
 /// redb allows one process at a time: while a predecessor agent still holds the file (an
 /// upgrade's overlap), the store opens on the first call after it let go, and calls before
@@ -147,11 +147,11 @@ struct Cache {
 
 /// Keys kept in memory at most; beyond, committed keys are dropped (they reload from redb).
 const MAX_CACHED: usize = 100_000;
-/// Shortest time between two commits: under load, charges are grouped into at most 10 fsync'd
-/// commits a second; a crash loses at most this much (plus the commit in progress). The same
-/// window as the audit log's ([`crate::audit::BATCH_INTERVAL`]): a crash loses the records and
-/// the charges of the same last 100 ms (docs/benchmarks.md has what 10 ms cost).
-const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Shortest time between two commits: under load, charges are grouped into at most 100 fsync'd
+/// commits a second; a crash loses at most this much (plus the commit in progress). 100 ms was
+/// measured too (docs/benchmarks.md): no throughput gain beyond the run-to-run noise, so the
+/// shorter crash window stays.
+const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn store_err(e: impl std::fmt::Display) -> BudgetError {
     BudgetError::Store(e.to_string())
