@@ -30,13 +30,12 @@
 //! (`bench-limited`: every GET charged 1 micro-USD and rate-limited, limits that never bite),
 //! with the embedded store, then again after restarting the agent on Redis (`redis-server` in
 //! the node namespace); off and on alternate `AEGIS_BENCH_ROUNDS` times (3), medians reported.
-//! `AEGIS_BENCH_ONLY=state` runs only this section.
 //!
 //! Decision alone: `aegis-agent policy bench` over the shipped example policies' test cases
 //! (`policies/`), the regorus evaluation without any I/O.
 //!
 //! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_BENCH_SECONDS` (length of each run,
-//! default 10), `AEGIS_BENCH_ONLY=saturation` (only the saturation tables),
+//! default 10), `AEGIS_BENCH_ONLY=saturation|fixed|decision|state` (only that section),
 //! `AEGIS_BENCH_PERF=DIR` (`perf record -g` of the agent during each saturation run through the
 //! enforcer, into `DIR/<tool>-<path>.data`; build the agent with frame pointers for useful
 //! call graphs).
@@ -110,11 +109,9 @@ fn main() {
         .policy("bench.yaml", POLICY)
         .policy("bench-limited.yaml", &limited_policy())
         .build();
-    // `AEGIS_BENCH_ONLY=state`: only the budgets-and-rate-limits section;
-    // `AEGIS_BENCH_ONLY=saturation`: only the saturation tables.
+    // `AEGIS_BENCH_ONLY=state|saturation|fixed`: only that section.
     let only = std::env::var("AEGIS_BENCH_ONLY").unwrap_or_default();
-    let only_state = only == "state";
-    let only_saturation = only == "saturation";
+    let section = |name: &str| only.is_empty() || only == name;
     let dir = world.dir().to_path_buf();
     let (cert, key) = world.server_cert(UPSTREAM);
     let proxy_v4 = pod_gateway_v4(1);
@@ -271,7 +268,7 @@ fn main() {
         }
     }
 
-    if !only_state {
+    if section("saturation") {
         // === saturation ===
         for tool in [Tool::Wrk, Tool::H2load] {
             println!("## {}\n", tool.title(seconds));
@@ -310,10 +307,8 @@ fn main() {
             }
             println!();
         }
-
-        if only_saturation {
-            return;
-        }
+    }
+    if section("fixed") {
         // === fixed rate ===
         let rate = FIXED_CLIENTS * FIXED_RPS_PER_CLIENT;
         for (proto, extra) in [("HTTP/1.1", &["--h1"][..]), ("HTTP/2", &[][..])] {
@@ -375,7 +370,8 @@ fn main() {
             }
             println!();
         }
-
+    }
+    if section("decision") {
         // === decision ===
         println!(
             "## Policy decision alone (regorus): aegis-agent policy bench policies/ --iterations {DECISIONS}\n"
@@ -398,7 +394,9 @@ fn main() {
         body.to_string_lossy().into_owned(),
         lua.to_string_lossy().into_owned(),
     );
-    state_section(&mut world, &dir, seconds, (&body, &lua), &node);
+    if section("state") {
+        state_section(&mut world, &dir, seconds, (&body, &lua), &node);
+    }
 
     // === health ===
     let audit = world.audit_records().len();

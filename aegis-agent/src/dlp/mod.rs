@@ -316,9 +316,10 @@ impl Detectors {
         }
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut spans = Vec::new();
+        let shape = rules::Shape::of(text);
         for &b in &self.builtins {
             spans.clear();
-            rules::find(b, text, &mut spans);
+            rules::find(b, text, &shape, &mut spans);
             if let Some(field) = field {
                 rules::find_in_field(b, field, text, &mut spans);
             }

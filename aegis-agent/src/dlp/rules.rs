@@ -14,9 +14,63 @@ use super::{Builtin, checks};
 /// A byte range `start..end` of the scanned text.
 pub type Span = (usize, usize);
 
+/// What the detectors' patterns need at the least, counted once per scanned text: a text
+/// short of a kind's minimum cannot hold a match, and skips that kind's searches.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// ASCII digits anywhere in the text.
+    digits: usize,
+    /// Whether the text holds an `@`.
+    at: bool,
+    /// Length in bytes.
+    len: usize,
+}
+
+impl Shape {
+    /// A shape every kind may hold: searching with it is searching without the shortcut.
+    #[cfg(test)]
+    pub const ANY: Shape = Shape {
+        digits: usize::MAX,
+        at: true,
+        len: usize::MAX,
+    };
+
+    /// The shape of `text` (one pass over its bytes).
+    pub fn of(text: &str) -> Shape {
+        let t = text.as_bytes();
+        Shape {
+            digits: t.iter().filter(|b| b.is_ascii_digit()).count(),
+            at: t.contains(&b'@'),
+            len: t.len(),
+        }
+    }
+
+    /// Whether a text of this shape can hold a span of `kind`. The minimums are the patterns'
+    /// own (see each pattern and its check below): an e-mail address has an `@`; every phone
+    /// form has at least 8 digits (international 8–15, NANP 10, a labelled national number
+    /// 9–12); an SSN 9 (`SSN`, `SSN_CONTEXT`); a card candidate 12 (three groups of four); an
+    /// IBAN 2 digits in at least 15 bytes; an API key at least 15 bytes (`xoxb-` + 10; a
+    /// secret assignment is longer); an IPv4 address 4 digits.
+    pub fn may_hold(&self, kind: Builtin) -> bool {
+        match kind {
+            Builtin::Email => self.at,
+            Builtin::Phone => self.digits >= 8,
+            Builtin::Ssn => self.digits >= 9,
+            Builtin::Card => self.digits >= 12,
+            Builtin::Iban => self.digits >= 2 && self.len >= 15,
+            Builtin::ApiKey => self.len >= 15,
+            Builtin::Ipv4 => self.digits >= 4,
+        }
+    }
+}
+
 /// Appends the spans of `kind` found in `text` to `out` (sorted by start; one kind's spans
-/// never overlap each other).
-pub fn find(kind: Builtin, text: &str, out: &mut Vec<Span>) {
+/// never overlap each other). `shape` is [`Shape::of`] `text`: a kind the text cannot hold is
+/// not searched.
+pub fn find(kind: Builtin, text: &str, shape: &Shape, out: &mut Vec<Span>) {
+    if !shape.may_hold(kind) {
+        return;
+    }
     let t = text.as_bytes();
     match kind {
         Builtin::Email => collect(&EMAIL, text, out, |s, e| email_ok(t, s, e)),
@@ -76,12 +130,13 @@ pub fn find(kind: Builtin, text: &str, out: &mut Vec<Span>) {
 pub fn find_in_field(kind: Builtin, field: &str, value: &str, out: &mut Vec<Span>) {
     let v = value.as_bytes();
     let whole = match kind {
+        // The value's checks first: they are cheaper than the name's pattern.
         Builtin::ApiKey => {
-            CREDENTIAL_NAME.is_match(field)
-                && v.iter().all(|&b| is_secret_byte(b))
+            v.iter().all(|&b| is_secret_byte(b))
                 && generic_secret_ok(v)
+                && CREDENTIAL_NAME.is_match(field)
         }
-        Builtin::Ssn => SSN_NAME.is_match(field) && v.len() == 9 && ssn_ok(v, 0, 9),
+        Builtin::Ssn => v.len() == 9 && ssn_ok(v, 0, 9) && SSN_NAME.is_match(field),
         _ => false,
     };
     if whole {

@@ -92,6 +92,8 @@ fn phone() {
         ("toll 1-800-555-0199", "1-800-555-0199"),
         ("tel: 020 7946 0958", "020 7946 0958"),
         ("call me at 06 12 34 56 78.", "06 12 34 56 78"),
+        // Eight digits with the country code, the fewest accepted (Tuvalu).
+        ("Tuvalu +688 20123", "+688 20123"),
     ] {
         assert_finds(Builtin::Phone, text, want);
     }
@@ -542,4 +544,38 @@ fn bodies_follow_content_type() {
         assert!(!r.inspected());
         assert!(r.findings.is_empty());
     }
+}
+
+/// The shape shortcut never drops a span: on the labelled corpus (positives, near-misses and
+/// hard negatives of every kind) and on texts cut around each span's edges, every kind finds
+/// the same spans with the text's shape as with a shape that searches everything.
+#[test]
+fn shape_shortcut_finds_what_a_full_search_finds() {
+    let mut texts: Vec<String> = Vec::new();
+    for sample in super::corpus::generate(7, 4000) {
+        for l in &sample.labels {
+            // The span alone, and with a byte less on each side: the texts closest to each
+            // kind's minimum.
+            texts.push(sample.text[l.start..l.end].to_owned());
+            if let Some(inner) = sample.text.get(l.start + 1..l.end.saturating_sub(1)) {
+                texts.push(inner.to_owned());
+            }
+        }
+        texts.push(sample.text);
+    }
+    let mut searched = 0;
+    for text in &texts {
+        let shape = rules::Shape::of(text);
+        for kind in Builtin::ALL {
+            let (mut full, mut quick) = (Vec::new(), Vec::new());
+            rules::find(kind, text, &rules::Shape::ANY, &mut full);
+            rules::find(kind, text, &shape, &mut quick);
+            assert_eq!(quick, full, "{kind} in {text:?}");
+            searched += usize::from(!full.is_empty());
+        }
+    }
+    assert!(
+        searched > 1000,
+        "the corpus should hold spans of every kind: {searched}"
+    );
 }
