@@ -86,7 +86,7 @@ pub fn issue(
         tenant: tenant.to_owned(),
         agent_id: agent_id.to_owned(),
         scopes: scopes.to_vec(),
-        jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
+        jti: hex::encode(jti),
         iat,
         exp: iat + ttl.as_secs(),
     };

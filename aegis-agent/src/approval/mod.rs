@@ -209,7 +209,7 @@ fn now() -> u64 {
 
 fn random_hex() -> String {
     let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// SHA-256 (hex) of the exact request an approval covers: `aegis-approval-v1`, the method,
@@ -235,11 +235,7 @@ pub fn request_hash(
     ctx.update(path_and_query.as_bytes());
     ctx.update(b"\n");
     ctx.update(canonical.as_deref().unwrap_or(body));
-    ctx.finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(ctx.finish())
 }
 
 /// `v` serialized with object keys in sorted order and no whitespace.

@@ -179,11 +179,7 @@ pub fn read_public_key(path: &Path) -> Result<Vec<u8>, KeyError> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    hex(digest::digest(&digest::SHA256, bytes).as_ref())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(digest::digest(&digest::SHA256, bytes))
 }
 
 fn key_id(public: &[u8]) -> String {

@@ -1063,34 +1063,43 @@ fn absolute(host: &str, uri: &http::Uri) -> Result<http::Uri, String> {
         .map_err(|e: http::uri::InvalidUri| e.to_string())
 }
 
-/// Removes hop-by-hop headers (RFC 9110 section 7.6.1).
+/// The hop-by-hop headers of RFC 9110 section 7.6.1 (and the obsolete `keep-alive` and
+/// `proxy-connection`), removed from everything the enforcer forwards.
+const HOP_BY_HOP: [http::HeaderName; 9] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes hop-by-hop headers (RFC 9110 section 7.6.1): [`HOP_BY_HOP`] and those the
+/// `Connection` header names. One pass over the names present; most messages carry none, or
+/// only `Connection`.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    // RFC 9110 section 7.6.1: the headers the Connection header names are hop-by-hop too.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<http::HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-            .filter_map(|s| http::HeaderName::from_bytes(s.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    let mut present: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name))
+        .cloned()
+        .collect();
+    if present.is_empty() {
+        return;
     }
-    const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
-    const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-    ] {
+    if present.contains(&header::CONNECTION) {
+        present.extend(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+                .filter_map(|s| http::HeaderName::from_bytes(s.as_bytes()).ok()),
+        );
+    }
+    for name in present {
         headers.remove(name);
     }
 }
@@ -1187,4 +1196,51 @@ fn emit(shared: &Shared, record: &L7Record) {
     telemetry::l7_decision(record);
     crate::metrics::global().l7_decision(record);
     shared.audit.append(record);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &http::HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(http::HeaderName::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut h = headers(&[
+            ("host", "api.example.com"),
+            ("connection", "close, X-Debug-Id"),
+            ("connection", "x-trace-hop"),
+            ("x-debug-id", "1"),
+            ("x-trace-hop", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic eA=="),
+            ("upgrade", "h2c"),
+            ("content-type", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type", "host"]);
+
+        // Nothing hop-by-hop: left as it was, repeated values included.
+        let mut h = headers(&[("host", "a"), ("accept", "x"), ("accept", "y")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["accept", "host"]);
+        assert_eq!(h.get_all("accept").iter().count(), 2);
+    }
 }
