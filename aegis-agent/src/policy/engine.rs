@@ -15,7 +15,7 @@
 //! treated by the caller as a deny — it is an `Err`, never an `Allow`.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     num::NonZeroU32,
     path::{Path, PathBuf},
     sync::Arc,
@@ -137,6 +137,9 @@ pub struct L7Engine {
     rules: HashMap<String, String>,
     /// Each policy's decision rule as an RVM program, by rego id.
     programs: HashMap<String, Arc<Program>>,
+    /// The parameters each policy's Rego reads, by rego id: the names its constraints check,
+    /// or `None` (every parameter) when a raw module may read any.
+    params_read: HashMap<String, Option<HashSet<String>>>,
     limit: ExecutionTimerConfig,
 }
 
@@ -183,11 +186,24 @@ impl L7Engine {
             }
         }
         let mut rules = HashMap::new();
+        let mut params_read = HashMap::new();
         for policy in set.sorted() {
             let has_ext = set
                 .rego_modules()
                 .iter()
                 .any(|m| declared_package(&m.text) == Some(rego::ext_package(policy)));
+            params_read.insert(
+                policy.rego_id.clone(),
+                (!has_ext).then(|| {
+                    policy
+                        .tools
+                        .iter()
+                        .flat_map(|t| &t.actions)
+                        .flat_map(|a| a.params.keys())
+                        .map(|p| p.as_str().to_owned())
+                        .collect()
+                }),
+            );
             let text = rego::compile_policy(policy, has_ext);
             let name = format!("{}.rego", policy.source.display());
             if let Err(e) = engine.add_policy(name, text) {
@@ -237,6 +253,7 @@ impl L7Engine {
             set: set.clone(),
             rules,
             programs,
+            params_read,
             limit,
         })
     }
@@ -269,6 +286,26 @@ impl L7Engine {
         req: &L7Request<'_>,
         backend: Backend,
     ) -> Result<L7Decision, L7Error> {
+        self.decide_input(req, backend, true)
+    }
+
+    /// [`L7Engine::decide_with`] on an input holding every parameter, whatever the policy
+    /// reads: what the parameter filter is checked against.
+    #[cfg(test)]
+    pub fn decide_with_every_param(
+        &self,
+        req: &L7Request<'_>,
+        backend: Backend,
+    ) -> Result<L7Decision, L7Error> {
+        self.decide_input(req, backend, false)
+    }
+
+    fn decide_input(
+        &self,
+        req: &L7Request<'_>,
+        backend: Backend,
+        filter_params: bool,
+    ) -> Result<L7Decision, L7Error> {
         let Some(policy) = self.set.for_identity(req.agent, req.tenant) else {
             return Ok(L7Decision::early(
                 L7Verdict::Deny,
@@ -297,7 +334,12 @@ impl L7Engine {
                 ));
             }
         };
-        let input = input::build(req, &host, &path);
+        let only = self
+            .params_read
+            .get(&policy.rego_id)
+            .filter(|_| filter_params)
+            .and_then(Option::as_ref);
+        let input = input::build(req, &host, &path, only);
         let out = match backend {
             Backend::Vm => self.run_program(policy, input)?,
             Backend::Interpreter => self.interpret(policy, input)?,

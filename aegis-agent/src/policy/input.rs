@@ -218,9 +218,20 @@ fn is_decimal(s: &str) -> bool {
     }
 }
 
-/// The input document for the request.
-pub fn build(req: &L7Request<'_>, host: &str, path: &str) -> Value {
-    let params = params(req.query, req.content_type, req.body);
+/// The input document for the request. `only`: the parameter names the policy's Rego reads
+/// (`None`: all); `params` and `numbers` leave the others out, which spares copying a body's
+/// unchecked fields (an LLM prompt, a message text) into the document. Every value still counts
+/// against [`MAX_VALUES`] and a body that does not parse still sets `body_error`.
+pub fn build(
+    req: &L7Request<'_>,
+    host: &str,
+    path: &str,
+    only: Option<&std::collections::HashSet<String>>,
+) -> Value {
+    let mut params = params(req.query, req.content_type, req.body);
+    if let Some(only) = only {
+        params.values.retain(|name, _| only.contains(name));
+    }
     let time_ns = req
         .time
         .duration_since(UNIX_EPOCH)
@@ -294,6 +305,38 @@ mod tests {
         );
         assert_eq!(p.values["metadata.order_id"], vec![Value::from("A 1")]);
         assert_eq!(p.values["items.price"], vec![Value::from("3")]);
+    }
+
+    #[test]
+    fn only_the_parameters_read_enter_the_document() {
+        let req = |body: &'static [u8]| L7Request {
+            agent: "a",
+            tenant: "t",
+            host: "h",
+            method: "POST",
+            path: "/p",
+            query: Some("q=1"),
+            content_type: Some("application/json"),
+            body,
+            time: UNIX_EPOCH,
+        };
+        let only: std::collections::HashSet<String> = ["amount".to_owned()].into();
+        let doc = build(
+            &req(br#"{"amount": 5, "prompt": "a long text"}"#),
+            "h",
+            "/p",
+            Some(&only),
+        );
+        let keys = |field: &str| -> Vec<Value> {
+            doc[field].as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(keys("params"), vec![Value::from("amount")]);
+        assert_eq!(keys("numbers"), vec![Value::from("amount")]);
+        let every = build(&req(br#"{"amount": 5, "prompt": "x"}"#), "h", "/p", None);
+        assert_eq!(every["params"].as_object().unwrap().len(), 3);
+        // A body that does not parse is still reported, filter or not.
+        let bad = build(&req(b"{not json"), "h", "/p", Some(&only));
+        assert!(matches!(&bad["body_error"], Value::String(_)));
     }
 
     #[test]

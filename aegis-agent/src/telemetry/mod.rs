@@ -326,10 +326,10 @@ pub struct L7Record {
 pub fn l7_decision(r: &L7Record) {
     let span = tracing::info_span!(
         target: EVENT_TARGET, "aegis.l7",
-        agent_id = %r.agent, tenant = %r.tenant, tool = r.tool.as_deref(), action = r.action.as_deref(),
-        decision = r.decision, would = r.would.as_deref(), reason = %r.reason, policy_version = r.policy_version,
-        mode = r.mode, estimated_cost = r.estimated_cost_usd, latency_us = r.latency_us, sni = %r.sni, dst = %r.dst,
-        method = %r.method, path = %r.path, status = r.status
+        agent_id = r.agent.as_str(), tenant = r.tenant.as_str(), tool = r.tool.as_deref(), action = r.action.as_deref(),
+        decision = r.decision, would = r.would.as_deref(), reason = r.reason.as_str(), policy_version = r.policy_version,
+        mode = r.mode, estimated_cost = r.estimated_cost_usd, latency_us = r.latency_us, sni = r.sni.as_str(), dst = r.dst.as_str(),
+        method = r.method.as_str(), path = r.path.as_str(), status = r.status
     );
     let _enter = span.enter();
     let level_warn = matches!(r.decision, "deny" | "approval_needed") || r.would.is_some();
@@ -339,9 +339,9 @@ pub fn l7_decision(r: &L7Record) {
     macro_rules! emit {
         ($lvl:ident) => {
             tracing::$lvl!(
-                target: EVENT_TARGET, event = "l7_decision", agent = %r.agent, tenant = %r.tenant, identity = r.identity,
-                sni = %r.sni, dst = %r.dst, method = %r.method, path = %r.path, decision = r.decision,
-                would = r.would.as_deref(), reason = %r.reason, tool = r.tool.as_deref(), action = r.action.as_deref(),
+                target: EVENT_TARGET, event = "l7_decision", agent = r.agent.as_str(), tenant = r.tenant.as_str(), identity = r.identity,
+                sni = r.sni.as_str(), dst = r.dst.as_str(), method = r.method.as_str(), path = r.path.as_str(), decision = r.decision,
+                would = r.would.as_deref(), reason = r.reason.as_str(), tool = r.tool.as_deref(), action = r.action.as_deref(),
                 policy_version = r.policy_version, mode = r.mode, estimated_cost_usd = r.estimated_cost_usd,
                 redactions = r.redactions, status = r.status, latency_us = r.latency_us,
                 "L7 {} {} {}{}: {}", r.decision, r.method, r.sni, r.path, r.reason
