@@ -37,7 +37,7 @@
 //! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_BENCH_SECONDS` (length of each run,
 //! default 10), `AEGIS_BENCH_ONLY=saturation|fixed|decision|state` (only that section),
 //! `AEGIS_BENCH_PERF=DIR` (`perf record -g` of the agent during each saturation run through the
-//! enforcer, into `DIR/<tool>-<path>.data`; build the agent with frame pointers for useful
+//! enforcer, into `DIR/<tool>-<agent>-<path>.data`; build the agent with frame pointers for useful
 //! call graphs).
 use std::{
     fs,
@@ -631,9 +631,13 @@ impl Bench<'_> {
     fn saturate(&self, tool: Tool, p: &Route, r: &Req) -> Run {
         self.settle();
         let cpu0 = p.cpu.map(|(ns, comm)| ns_cpu_seconds(ns, comm));
-        let _perf = p
-            .agent
-            .and_then(|_| self.profile(&format!("{}-{}", tool.name(), r.path.replace('/', "_"))));
+        let _perf = p.agent.and_then(|(agent, _)| {
+            self.profile(&format!(
+                "{}-{agent}-{}",
+                tool.name(),
+                r.path.replace('/', "_")
+            ))
+        });
         let mut run = match tool {
             Tool::Wrk => self.wrk(p, r),
             Tool::H2load => self.h2load(

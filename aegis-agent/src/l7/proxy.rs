@@ -178,6 +178,9 @@ impl Refusal {
 /// Per-connection facts every request of it shares.
 struct Conn {
     identity: Identity,
+    /// `identity` as `agent@tenant` (its `Display`): the key of its rate-limit bucket and
+    /// budget periods, formatted once.
+    key: String,
     sni: String,
     origin: SocketAddr,
     /// The record fields every request of the connection repeats (identity, SNI, addresses),
@@ -371,6 +374,7 @@ async fn serve_conn(
     };
     let conn = Arc::new(Conn {
         identity: identity.clone(),
+        key: identity.to_string(),
         sni,
         origin: origin_addr,
         record,
@@ -446,8 +450,7 @@ async fn decide_and_forward(
         .for_identity(conn.identity.agent.as_str(), conn.identity.tenant.as_str())
         .map_or((None, Mode::Enforce), |p| (p.rate_limit, p.mode));
     if let Some(limit) = rate_limit {
-        let (rates, key) = (shared.state.rates.clone(), conn.identity.to_string());
-        match shared.state.run(move || rates.take(&key, limit)).await {
+        match shared.state.take_rate(&conn.key, limit).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) if mode == Mode::Shadow => would_rate_limit = true,
             Ok(Err(retry_after)) => return refuse(Refusal::RateLimited { retry_after }),
@@ -478,8 +481,7 @@ async fn decide_and_forward(
             Ok(claims) => claims,
             Err(e) => return refuse(Refusal::Token(e)),
         };
-        let (replay, jti, exp) = (shared.state.replay.clone(), claims.jti.clone(), claims.exp);
-        match shared.state.run(move || replay.first_use(&jti, exp)).await {
+        match shared.state.first_use(&claims.jti, claims.exp).await {
             Ok(true) => {}
             Ok(false) => return refuse(Refusal::Token(TokenError::Replayed(claims.jti))),
             Err(e) => {
@@ -581,10 +583,9 @@ async fn decide_and_forward(
         }
     };
     // Tool-level rate limit, for requests routed to the tool.
-    let priced = Priced::of(shared, conn, &decision, &forward_body);
-    if let Some((key, limit)) = priced.tool_rate.clone() {
-        let rates = shared.state.rates.clone();
-        match shared.state.run(move || rates.take(&key, limit)).await {
+    let mut priced = Priced::of(shared, conn, &decision, &forward_body);
+    if let Some((key, limit)) = &priced.tool_rate {
+        match shared.state.take_rate(key, *limit).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) if mode == Mode::Shadow => {
                 record.would = Some("deny".into());
@@ -608,13 +609,8 @@ async fn decide_and_forward(
     let mut charged = None;
     if priced.amount > 0 && !priced.periods.is_empty() {
         let amount = priced.amount;
-        let (store, to_charge) = (shared.state.budgets.clone(), priced.periods.clone());
-        let result = shared
-            .state
-            .run(move || store.charge(&to_charge, amount))
-            .await;
-        match result {
-            Ok(()) => charged = Some((priced.periods.clone(), amount)),
+        match shared.state.charge(&priced.periods, amount).await {
+            Ok(()) => charged = Some((std::mem::take(&mut priced.periods), amount)),
             Err(e @ BudgetError::Exceeded { .. }) if mode == Mode::Shadow => {
                 record.would = Some("deny".into());
                 record.reason = format!("{}; would be budget_exceeded: {e}", record.reason);
@@ -633,10 +629,8 @@ async fn decide_and_forward(
                 };
                 match approve(shared, conn, &request, &over, override_token.as_deref()).await {
                     Ok(Approved::Pass(redeemed)) => {
-                        let (store, to_charge) =
-                            (shared.state.budgets.clone(), priced.periods.clone());
                         let delta = i64::try_from(amount).unwrap_or(i64::MAX);
-                        let forced = shared.state.run(move || store.add(&to_charge, delta)).await;
+                        let forced = shared.state.add(&priced.periods, delta).await;
                         if let Err(e) = forced {
                             if let Some(refusal) = state_unavailable(
                                 shared,
@@ -647,7 +641,7 @@ async fn decide_and_forward(
                                 return refuse(refusal);
                             }
                         } else {
-                            charged = Some((priced.periods.clone(), amount));
+                            charged = Some((std::mem::take(&mut priced.periods), amount));
                         }
                         record.reason = format!(
                             "{}; over budget, approved by {} (approval {})",
@@ -697,11 +691,7 @@ async fn decide_and_forward(
         },
         Err(refusal) => {
             if let Some((periods, amount)) = charged {
-                let store = shared.state.budgets.clone();
-                let refunded = shared
-                    .state
-                    .run(move || store.refund(&periods, amount))
-                    .await;
+                let refunded = shared.state.refund(&periods, amount).await;
                 if refunded.is_err() {
                     tracing::error!(target: "aegis::l7", identity = %conn.identity, amount_micro_usd = amount, "budget refund failed after an upstream failure");
                 }
@@ -726,7 +716,7 @@ struct Priced {
 impl Priced {
     fn of(shared: &Shared, conn: &Conn, decision: &Decision, body: &[u8]) -> Priced {
         let policies = shared.policies.load();
-        let identity = conn.identity.to_string();
+        let identity = conn.key.as_str();
         let policy =
             policies.for_identity(conn.identity.agent.as_str(), conn.identity.tenant.as_str());
         let tool = policy
@@ -745,7 +735,7 @@ impl Priced {
         };
         let mut periods = policy
             .and_then(|p| p.budget)
-            .map(|b| periods_of(&identity, b))
+            .map(|b| periods_of(identity, b))
             .unwrap_or_default();
         if let Some(t) = tool
             && let Some(b) = t.budget

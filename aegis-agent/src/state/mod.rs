@@ -11,9 +11,12 @@
 
 pub mod redis;
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Borrow as _, sync::Arc, time::Duration};
 
-use crate::{budget::BudgetStore, policy::RateLimit};
+use crate::{
+    budget::{BudgetError, BudgetStore, Period},
+    policy::RateLimit,
+};
 
 /// The store could not be reached or answered nonsense.
 #[derive(Debug, thiserror::Error)]
@@ -69,16 +72,78 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Runs a store operation: inline for in-memory stores, on the blocking pool for remote
-    /// ones.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        if self.remote {
-            match tokio::task::spawn_blocking(f).await {
-                Ok(v) => v,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            }
-        } else {
-            f()
+    /// Takes one request from bucket `key` under `limit` ([`RateStore::take`]).
+    ///
+    /// # Errors
+    /// The store is unreachable.
+    pub async fn take_rate(
+        &self,
+        key: &str,
+        limit: RateLimit,
+    ) -> Result<Result<(), Duration>, Unavailable> {
+        self.call(&self.rates, key, move |rates, key| rates.take(key, limit))
+            .await
+    }
+
+    /// Records `jti` as used until `exp` ([`ReplayStore::first_use`]).
+    ///
+    /// # Errors
+    /// The store is unreachable, or full.
+    pub async fn first_use(&self, jti: &str, exp: u64) -> Result<bool, Unavailable> {
+        self.call(&self.replay, jti, move |replay, jti| {
+            replay.first_use(jti, exp)
+        })
+        .await
+    }
+
+    /// Charges `amount` micro-USD to every period, or to none ([`BudgetStore::charge`]).
+    ///
+    /// # Errors
+    /// As [`BudgetStore::charge`].
+    pub async fn charge(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError> {
+        self.call(&self.budgets, periods, move |b, p| b.charge(p, amount))
+            .await
+    }
+
+    /// Takes `amount` micro-USD back from every period ([`BudgetStore::refund`]).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn refund(&self, periods: &[Period], amount: u64) -> Result<(), BudgetError> {
+        self.call(&self.budgets, periods, move |b, p| b.refund(p, amount))
+            .await
+    }
+
+    /// Adds `delta` micro-USD to every period without checking limits ([`BudgetStore::add`]).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn add(&self, periods: &[Period], delta: i64) -> Result<(), BudgetError> {
+        self.call(&self.budgets, periods, move |b, p| b.add(p, delta))
+            .await
+    }
+
+    /// Runs `op` on `store` with `arg`: inline for in-memory stores (nothing copied), on the
+    /// blocking pool for remote ones (with owned copies of both).
+    async fn call<S, A, T>(
+        &self,
+        store: &Arc<S>,
+        arg: &A,
+        op: impl FnOnce(&S, &A) -> T + Send + 'static,
+    ) -> T
+    where
+        S: ?Sized + Send + Sync + 'static,
+        A: ToOwned + ?Sized,
+        A::Owned: Send + 'static,
+        T: Send + 'static,
+    {
+        if !self.remote {
+            return op(store, arg);
+        }
+        let (store, arg) = (Arc::clone(store), arg.to_owned());
+        match tokio::task::spawn_blocking(move || op(&store, arg.borrow())).await {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
 }
