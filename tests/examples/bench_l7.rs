@@ -429,9 +429,9 @@ fn state_section(world: &mut World, dir: &Path, seconds: u32, files: (&str, &str
         "{rounds} alternating runs of each; medians (requests/s of every run in parentheses)\n"
     );
     println!(
-        "| state backend | tool | identity | requests/s | p50 ms | p99 ms | errors | CPU µs/request | on/off |"
+        "| state backend | tool | identity | requests/s | p50 ms | p99 ms | errors | CPU µs/request | on/off (medians) | on/off (paired) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let req = Req {
         label: "GET /bench",
         path: "/bench",
@@ -506,18 +506,27 @@ fn state_section(world: &mut World, dir: &Path, seconds: u32, files: (&str, &str
                 Tool::H2load => "h2load HTTP/2",
             };
             let off_rps = median(&runs[0], &|r| r.rps);
-            for (route, runs) in routes.iter().zip(&runs) {
+            // Each "on" run against the "off" run just before it: the VM's throughput drifts
+            // over minutes, which moves the medians apart; adjacent runs share the drift.
+            let mut paired: Vec<f64> = runs[0]
+                .iter()
+                .zip(&runs[1])
+                .map(|(off, on)| on.rps / off.rps.max(1.0))
+                .collect();
+            let paired = percentile(&mut paired, 0.5);
+            for (i, (route, runs)) in routes.iter().zip(&runs).enumerate() {
                 let rps = median(runs, &|r| r.rps);
                 let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.rps)).collect();
                 println!(
-                    "| {backend} | {name} | {} | {rps:.0} ({}) | {:.2} | {:.2} | {} | {:.0} | {:.2} |",
+                    "| {backend} | {name} | {} | {rps:.0} ({}) | {:.2} | {:.2} | {} | {:.0} | {:.2} | {:.2} |",
                     route.label,
                     all.join(", "),
                     median(runs, &|r| r.p50_us) / 1000.0,
                     median(runs, &|r| r.p99_us) / 1000.0,
                     runs.iter().map(|r| r.errors).sum::<u64>(),
                     median(runs, &|r| r.cpu_us_per_req.unwrap_or(f64::NAN)),
-                    rps / off_rps.max(1.0)
+                    rps / off_rps.max(1.0),
+                    if i == 0 { 1.0 } else { paired }
                 );
             }
         }
