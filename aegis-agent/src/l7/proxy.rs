@@ -566,12 +566,7 @@ async fn decide_and_forward(
             match approve(shared, conn, &request, &decision, override_token.as_deref()).await {
                 Ok(Approved::Pass(redeemed)) => {
                     record.decision = "allow";
-                    record.reason = format!(
-                        "{}; approved by {} (approval {})",
-                        record.reason, redeemed.approved_by, redeemed.approval_id
-                    );
-                    record.approval_id = Some(redeemed.approval_id);
-                    record.approved_by = Some(redeemed.approved_by);
+                    record_approval(record, "approved", redeemed);
                     body.clone()
                 }
                 Ok(Approved::Wait(approval)) => {
@@ -643,12 +638,7 @@ async fn decide_and_forward(
                         } else {
                             charged = Some((std::mem::take(&mut priced.periods), amount));
                         }
-                        record.reason = format!(
-                            "{}; over budget, approved by {} (approval {})",
-                            record.reason, redeemed.approved_by, redeemed.approval_id
-                        );
-                        record.approval_id = Some(redeemed.approval_id);
-                        record.approved_by = Some(redeemed.approved_by);
+                        record_approval(record, "over budget, approved", redeemed);
                     }
                     Ok(Approved::Wait(approval)) => {
                         record.decision = "approval_needed";
@@ -1179,6 +1169,17 @@ fn refusal_record(identity: &Identity, refusal: &Refusal) -> L7Record {
         reason: format!("{}: {refusal}", refusal.reason()),
         ..identity_record(identity)
     }
+}
+
+/// Records that a request passed on a redeemed override token: the approver and approval on
+/// the record, and `; {how} by {approver} (approval {id})` after the policy's reason.
+fn record_approval(record: &mut L7Record, how: &str, redeemed: Redeemed) {
+    record.reason = format!(
+        "{}; {how} by {} (approval {})",
+        record.reason, redeemed.approved_by, redeemed.approval_id
+    );
+    record.approval_id = Some(redeemed.approval_id);
+    record.approved_by = Some(redeemed.approved_by);
 }
 
 /// Logs, exports (span) and audits one decision.
