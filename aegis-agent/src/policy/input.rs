@@ -229,6 +229,20 @@ pub fn build(
     only: Option<&std::collections::HashSet<String>>,
 ) -> Value {
     let mut params = params(req.query, req.content_type, req.body);
+    // Every name with a value at it or below it (`a.b.c` → `a`, `a.b`, `a.b.c`): what
+    // `required` checks, taken before the filter drops the fields below a checked name.
+    let mut present: BTreeMap<Value, Value> = BTreeMap::new();
+    for key in params.values.keys() {
+        let mut end = 0;
+        for part in key.split('.') {
+            end += part.len();
+            let name = &key[..end];
+            end += 1;
+            if only.is_none_or(|only| only.contains(name)) {
+                present.insert(Value::from(name), Value::from(true));
+            }
+        }
+    }
     if let Some(only) = only {
         params.values.retain(|name, _| only.contains(name));
     }
@@ -269,6 +283,7 @@ pub fn build(
         .map(|(k, v)| (Value::from(k), Value::from(v)))
         .collect();
     put("params", Value::from(values));
+    put("present", Value::from(present));
     if let Some(e) = params.body_error {
         put("body_error", Value::from(e));
     }

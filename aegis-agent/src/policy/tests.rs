@@ -502,8 +502,10 @@ fn the_vm_and_the_interpreter_agree() {
         "/v1/%61",
         "/post",
     ];
-    let bodies: [&[u8]; 11] = [
+    let bodies: [&[u8]; 12] = [
         b"",
+        // A required parameter present only through a field below it.
+        br#"{"n": {"deep": 1}}"#,
         br#"{"n": 7}"#,
         br#"{"n": "7"}"#,
         br#"{"n": 70}"#,
@@ -701,6 +703,8 @@ fn literal_decisions_equal_lib_decide() {
     let (mut literal, mut reference) = (engine(true), engine(false));
     let mut compared = 0;
     let mut literal_routes = 0;
+    // Decisions of constrained actions with violations: the deny and approval branches.
+    let mut violated = 0;
     for policy in set.sorted() {
         let rule = super::rego::decision_rule(policy);
         let compiled = super::rego::compile_policy(policy, false);
@@ -724,7 +728,14 @@ fn literal_decisions_equal_lib_decide() {
                     serde_json::to_string(action.name.as_str()).unwrap()
                 )));
                 for method in &methods {
-                    for body in [&b""[..], br##"{"amount": 12, "channel": "#support"}"##] {
+                    for body in [
+                        &b""[..],
+                        br##"{"amount": 12, "channel": "#support"}"##,
+                        br##"{"amount": 50000, "currency": "xxx", "channel": "#ops"}"##,
+                        br##"{"amount": "NaN", "ticket": {"status": "gone", "priority": "urgent"}}"##,
+                        br#"{"model": "gpt-4o", "max_tokens": 0, "n": 3, "ref": "main"}"#,
+                        b"{not json",
+                    ] {
                         let mut req = request(policy.agent.as_str(), &host, method, &path, body);
                         if let Some(t) = &policy.tenant {
                             req.tenant = t.as_str();
@@ -737,6 +748,13 @@ fn literal_decisions_equal_lib_decide() {
                         let (got, want) = (eval(&mut literal), eval(&mut reference));
                         assert_eq!(got, want, "{rule} {method} {host}{path}");
                         assert_ne!(got, regorus::Value::Undefined, "{rule} {method} {path}");
+                        if let Ok(reason) = got["reason"].as_string()
+                            && ["constraint_violated", "approval_needed", "malformed_body"]
+                                .iter()
+                                .any(|p| reason.contains(p))
+                        {
+                            violated += 1;
+                        }
                         compared += 1;
                     }
                 }
@@ -744,6 +762,7 @@ fn literal_decisions_equal_lib_decide() {
         }
     }
     assert!(compared > 40, "{compared}");
+    assert!(violated > 10, "decisions with violations compared: {violated}");
     assert!(
         literal_routes >= 8,
         "literal decisions compared: {literal_routes}"

@@ -36,21 +36,19 @@ actions := {
 		"reason": "allowed",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": true,
 	},
 	"read_repos": {
 		"decision": "allow",
 		"reason": "allowed",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": false,
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); a literal where
-# no violation can apply.
+# The decision of the first matching action, in file order (as `route`): a literal where
+# no violation can apply, else the action's `decide_` rule (below).
 # deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches
-decision := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "deploy-service", "action": "dispatch_deploy", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+decision := decide_0_dispatch_deploy if {
 	input.host == "api.github.com"
 	input.method == "POST"
 	count(input.segments) == 7
@@ -61,7 +59,6 @@ decision := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "d
 	input.segments[4] == "workflows"
 	input.segments[5] == "deploy.yml"
 	input.segments[6] == "dispatches"
-	o := lib.outcome(actions["dispatch_deploy"], checks_0_dispatch_deploy | malformed_body)
 }
 # deploy-service read_repos GET /repos/acme/**
 else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "deploy-service", "action": "read_repos", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
@@ -69,41 +66,52 @@ else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "deploy
 	input.method == "GET"
 	lib.path_under(input.path, "/repos/acme")
 }
-else := lib.no_action(policy)
+else := {"verdict": "deny", "would": null, "reason": "no_matching_action", "tool": null, "action": null, "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"}
 
-# A body that could not be parsed into parameters fails every action with constraints.
-malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	input.body_error
+# deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_0_dispatch_deploy := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "deploy-service", "action": "dispatch_deploy", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := deny_0_dispatch_deploy
+	count(reasons) > 0
 }
-
-violations contains v if {
-	actions[route.action].checks_params
-	some v in malformed_body
+else := {"verdict": "approval_needed", "would": null, "reason": concat("; ", sort(reasons)), "tool": "deploy-service", "action": "dispatch_deploy", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := approval_0_dispatch_deploy
+	count(reasons) > 0
 }
+else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "deploy-service", "action": "dispatch_deploy", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"}
 
 # === deploy-service dispatch_deploy POST /repos/acme/*/actions/workflows/deploy.yml/dispatches ===
 
-violations contains v if {
+violations contains {"effect": "deny", "reason": reason} if {
 	route.action == "dispatch_deploy"
-	some v in checks_0_dispatch_deploy
+	some reason in deny_0_dispatch_deploy
+}
+
+violations contains {"effect": "approval_needed", "reason": reason} if {
+	route.action == "dispatch_deploy"
+	some reason in approval_0_dispatch_deploy
+}
+
+# A body that could not be parsed into parameters fails the constraints.
+deny_0_dispatch_deploy contains concat("", ["malformed_body: ", input.body_error]) if {
+	input.body_error
 }
 
 # inputs.environment: required, 1 allowed value(s); on violation approval_needed
-checks_0_dispatch_deploy contains {"effect": "approval_needed", "reason": "constraint_violated: inputs.environment is required"} if {
-	not lib.present(input.params, "inputs.environment")
+approval_0_dispatch_deploy contains "constraint_violated: inputs.environment is required" if {
+	not input.present["inputs.environment"]
 }
 
-checks_0_dispatch_deploy contains {"effect": "approval_needed", "reason": "constraint_violated: inputs.environment not in [staging]"} if {
+approval_0_dispatch_deploy contains "constraint_violated: inputs.environment not in [staging]" if {
 	some x in input.params["inputs.environment"]
 	not x in {"staging"}
 }
 
 # ref: required, regex main|release/[0-9]+\.[0-9]+; on violation deny
-checks_0_dispatch_deploy contains {"effect": "deny", "reason": "constraint_violated: ref is required"} if {
-	not lib.present(input.params, "ref")
+deny_0_dispatch_deploy contains "constraint_violated: ref is required" if {
+	not input.present["ref"]
 }
 
-checks_0_dispatch_deploy contains {"effect": "deny", "reason": "constraint_violated: ref does not match main|release/[0-9]+\\.[0-9]+"} if {
+deny_0_dispatch_deploy contains "constraint_violated: ref does not match main|release/[0-9]+\\.[0-9]+" if {
 	some x in input.params["ref"]
 	not regex.match(`^(?:main|release/[0-9]+\.[0-9]+)$`, lib.text(x))
 }

@@ -41,125 +41,170 @@ actions := {
 		"reason": "allowed",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": true,
 	},
 	"create_refund": {
 		"decision": "approval_needed",
 		"reason": "approval_required: create_refund",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": false,
 	},
 	"read": {
 		"decision": "allow",
 		"reason": "allowed",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": false,
 	},
 	"post_receipt": {
 		"decision": "sanitize",
 		"reason": "sanitize: email, phone, ssn, card, iban, account_number",
 		"sanitize": ["email", "phone", "ssn", "card", "iban", "account_number"],
 		"price_usd": null,
-		"checks_params": false,
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); a literal where
-# no violation can apply.
+# The decision of the first matching action, in file order (as `route`): a literal where
+# no violation can apply, else the action's `decide_` rule (below).
 # stripe-payments create_payment POST /v1/payment_intents
-decision := lib.decide(policy, {"tool": "stripe-payments", "action": "create_payment"}, actions["create_payment"], violations) if {
+decision := decide_0_create_payment if {
 	input.host == "api.stripe.com"
 	input.method == "POST"
 	input.path == "/v1/payment_intents"
 }
 # stripe-payments create_refund POST /v1/refunds
-else := lib.decide(policy, {"tool": "stripe-payments", "action": "create_refund"}, actions["create_refund"], violations) if {
+else := decide_1_create_refund if {
 	input.host == "api.stripe.com"
 	input.method == "POST"
 	input.path == "/v1/refunds"
 }
 # stripe-payments read GET,HEAD /v1/**
-else := lib.decide(policy, {"tool": "stripe-payments", "action": "read"}, actions["read"], violations) if {
+else := decide_2_read if {
 	input.host == "api.stripe.com"
 	input.method in {"GET", "HEAD"}
 	lib.path_under(input.path, "/v1")
 }
 # slack-receipts post_receipt POST /services/**
-else := lib.decide(policy, {"tool": "slack-receipts", "action": "post_receipt"}, actions["post_receipt"], violations) if {
+else := decide_3_post_receipt if {
 	input.host == "hooks.slack.com"
 	input.method == "POST"
 	lib.path_under(input.path, "/services")
 }
-else := lib.no_action(policy)
+else := {"verdict": "deny", "would": null, "reason": "no_matching_action", "tool": null, "action": null, "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"}
 
-# A body that could not be parsed into parameters fails every action with constraints.
-malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	input.body_error
+# stripe-payments create_payment POST /v1/payment_intents: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_0_create_payment := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "stripe-payments", "action": "create_payment", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := deny_0_create_payment | ext_deny
+	count(reasons) > 0
 }
-
-violations contains v if {
-	actions[route.action].checks_params
-	some v in malformed_body
+else := {"verdict": "approval_needed", "would": null, "reason": concat("; ", sort(reasons)), "tool": "stripe-payments", "action": "create_payment", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := approval_0_create_payment | ext_approval_needed
+	count(reasons) > 0
 }
+else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "stripe-payments", "action": "create_payment", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"}
 
-# Hooks: rules of the raw module(s) in package aegis.ext.finance_agent.
+# stripe-payments create_refund POST /v1/refunds: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_1_create_refund := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "stripe-payments", "action": "create_refund", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := ext_deny
+	count(reasons) > 0
+}
+else := {"verdict": "approval_needed", "would": null, "reason": concat("; ", sort(reasons)), "tool": "stripe-payments", "action": "create_refund", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := ext_approval_needed
+	count(reasons) > 0
+}
+else := {"verdict": "approval_needed", "would": null, "reason": "approval_required: create_refund", "tool": "stripe-payments", "action": "create_refund", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"}
+
+# stripe-payments read GET,HEAD /v1/**: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_2_read := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "stripe-payments", "action": "read", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := ext_deny
+	count(reasons) > 0
+}
+else := {"verdict": "approval_needed", "would": null, "reason": concat("; ", sort(reasons)), "tool": "stripe-payments", "action": "read", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := ext_approval_needed
+	count(reasons) > 0
+}
+else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "stripe-payments", "action": "read", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"}
+
+# slack-receipts post_receipt POST /services/**: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_3_post_receipt := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "slack-receipts", "action": "post_receipt", "sanitize": ["email", "phone", "ssn", "card", "iban", "account_number"], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := ext_deny
+	count(reasons) > 0
+}
+else := {"verdict": "approval_needed", "would": null, "reason": concat("; ", sort(reasons)), "tool": "slack-receipts", "action": "post_receipt", "sanitize": ["email", "phone", "ssn", "card", "iban", "account_number"], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := ext_approval_needed
+	count(reasons) > 0
+}
+else := {"verdict": "sanitize", "would": null, "reason": "sanitize: email, phone, ssn, card, iban, account_number", "tool": "slack-receipts", "action": "post_receipt", "sanitize": ["email", "phone", "ssn", "card", "iban", "account_number"], "price_usd": null, "version": 2, "mode": "enforce"}
+
+# Hooks: the reason sets of the raw module(s) in package aegis.ext.finance_agent; empty where they define
+# none. They apply to every action.
+ext_deny := {reason | some reason in data.aegis.ext.finance_agent.deny}
+
+ext_approval_needed := {reason | some reason in data.aegis.ext.finance_agent.approval_needed}
+
 violations contains {"effect": "deny", "reason": reason} if {
-	some reason in data.aegis.ext.finance_agent.deny
+	some reason in ext_deny
 }
 
 violations contains {"effect": "approval_needed", "reason": reason} if {
-	some reason in data.aegis.ext.finance_agent.approval_needed
+	some reason in ext_approval_needed
 }
 
 # === stripe-payments create_payment POST /v1/payment_intents ===
 
-violations contains v if {
+violations contains {"effect": "deny", "reason": reason} if {
 	route.action == "create_payment"
-	some v in checks_0_create_payment
+	some reason in deny_0_create_payment
+}
+
+violations contains {"effect": "approval_needed", "reason": reason} if {
+	route.action == "create_payment"
+	some reason in approval_0_create_payment
+}
+
+# A body that could not be parsed into parameters fails the constraints.
+deny_0_create_payment contains concat("", ["malformed_body: ", input.body_error]) if {
+	input.body_error
 }
 
 # amount: required, min 1, max 100000, approval needed over 5000; on violation deny
-checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: amount is required"} if {
-	not lib.present(input.params, "amount")
+deny_0_create_payment contains "constraint_violated: amount is required" if {
+	not input.present["amount"]
 }
 
-checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: amount is not a number"} if {
+deny_0_create_payment contains "constraint_violated: amount is not a number" if {
 	some x in input.numbers["amount"]
 	not is_number(x)
 }
 
-checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: amount > max 100000"} if {
+deny_0_create_payment contains "constraint_violated: amount > max 100000" if {
 	some x in input.numbers["amount"]
 	is_number(x)
 	x > 100000
 }
 
-checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: amount < min 1"} if {
+deny_0_create_payment contains "constraint_violated: amount < min 1" if {
 	some x in input.numbers["amount"]
 	is_number(x)
 	x < 1
 }
 
-checks_0_create_payment contains {"effect": "approval_needed", "reason": "approval_needed: amount > 5000"} if {
+approval_0_create_payment contains "approval_needed: amount > 5000" if {
 	some x in input.numbers["amount"]
 	is_number(x)
 	x > 5000
 }
 
 # currency: required, 3 allowed value(s); on violation deny
-checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: currency is required"} if {
-	not lib.present(input.params, "currency")
+deny_0_create_payment contains "constraint_violated: currency is required" if {
+	not input.present["currency"]
 }
 
-checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: currency not in [usd, eur, gbp]"} if {
+deny_0_create_payment contains "constraint_violated: currency not in [usd, eur, gbp]" if {
 	some x in input.params["currency"]
 	not x in {"usd", "eur", "gbp"}
 }
 
 # customer: regex cus_[A-Za-z0-9]{8,32}; on violation deny
-checks_0_create_payment contains {"effect": "deny", "reason": "constraint_violated: customer does not match cus_[A-Za-z0-9]{8,32}"} if {
+deny_0_create_payment contains "constraint_violated: customer does not match cus_[A-Za-z0-9]{8,32}" if {
 	some x in input.params["customer"]
 	not regex.match(`^(?:cus_[A-Za-z0-9]{8,32})$`, lib.text(x))
 }

@@ -35,32 +35,28 @@ actions := {
 		"reason": "sanitize: email, phone, ssn, card, api_key",
 		"sanitize": ["email", "phone", "ssn", "card", "api_key"],
 		"price_usd": null,
-		"checks_params": true,
 	},
 	"list_models": {
 		"decision": "allow",
 		"reason": "allowed",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": false,
 	},
 	"messages": {
 		"decision": "allow",
 		"reason": "allowed",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": true,
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); a literal where
-# no violation can apply.
+# The decision of the first matching action, in file order (as `route`): a literal where
+# no violation can apply, else the action's `decide_` rule (below).
 # openai-api chat_completions POST /v1/chat/completions
-decision := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "openai-api", "action": "chat_completions", "sanitize": ["email", "phone", "ssn", "card", "api_key"], "price_usd": null, "version": 3, "mode": "enforce"} if {
+decision := decide_0_chat_completions if {
 	input.host == "api.openai.com"
 	input.method == "POST"
 	input.path == "/v1/chat/completions"
-	o := lib.outcome(actions["chat_completions"], checks_0_chat_completions | malformed_body)
 }
 # openai-api list_models GET /v1/models
 else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "openai-api", "action": "list_models", "sanitize": [], "price_usd": null, "version": 3, "mode": "enforce"} if {
@@ -69,66 +65,74 @@ else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "openai
 	input.path == "/v1/models"
 }
 # anthropic-api messages POST /v1/messages
-else := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "anthropic-api", "action": "messages", "sanitize": [], "price_usd": null, "version": 3, "mode": "enforce"} if {
+else := decide_2_messages if {
 	input.host == "api.anthropic.com"
 	input.method == "POST"
 	input.path == "/v1/messages"
-	o := lib.outcome(actions["messages"], checks_2_messages | malformed_body)
 }
-else := lib.no_action(policy)
+else := {"verdict": "deny", "would": null, "reason": "no_matching_action", "tool": null, "action": null, "sanitize": [], "price_usd": null, "version": 3, "mode": "enforce"}
 
-# A body that could not be parsed into parameters fails every action with constraints.
-malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	input.body_error
+# openai-api chat_completions POST /v1/chat/completions: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_0_chat_completions := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "openai-api", "action": "chat_completions", "sanitize": ["email", "phone", "ssn", "card", "api_key"], "price_usd": null, "version": 3, "mode": "enforce"} if {
+	reasons := deny_0_chat_completions
+	count(reasons) > 0
 }
+else := {"verdict": "sanitize", "would": null, "reason": "sanitize: email, phone, ssn, card, api_key", "tool": "openai-api", "action": "chat_completions", "sanitize": ["email", "phone", "ssn", "card", "api_key"], "price_usd": null, "version": 3, "mode": "enforce"}
 
-violations contains v if {
-	actions[route.action].checks_params
-	some v in malformed_body
+# anthropic-api messages POST /v1/messages: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_2_messages := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "anthropic-api", "action": "messages", "sanitize": [], "price_usd": null, "version": 3, "mode": "enforce"} if {
+	reasons := deny_2_messages
+	count(reasons) > 0
 }
+else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "anthropic-api", "action": "messages", "sanitize": [], "price_usd": null, "version": 3, "mode": "enforce"}
 
 # === openai-api chat_completions POST /v1/chat/completions ===
 
-violations contains v if {
+violations contains {"effect": "deny", "reason": reason} if {
 	route.action == "chat_completions"
-	some v in checks_0_chat_completions
+	some reason in deny_0_chat_completions
+}
+
+# A body that could not be parsed into parameters fails the constraints.
+deny_0_chat_completions contains concat("", ["malformed_body: ", input.body_error]) if {
+	input.body_error
 }
 
 # max_tokens: min 1, max 4096; on violation deny
-checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: max_tokens is not a number"} if {
+deny_0_chat_completions contains "constraint_violated: max_tokens is not a number" if {
 	some x in input.numbers["max_tokens"]
 	not is_number(x)
 }
 
-checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: max_tokens > max 4096"} if {
+deny_0_chat_completions contains "constraint_violated: max_tokens > max 4096" if {
 	some x in input.numbers["max_tokens"]
 	is_number(x)
 	x > 4096
 }
 
-checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: max_tokens < min 1"} if {
+deny_0_chat_completions contains "constraint_violated: max_tokens < min 1" if {
 	some x in input.numbers["max_tokens"]
 	is_number(x)
 	x < 1
 }
 
 # model: required, 1 allowed value(s); on violation deny
-checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: model is required"} if {
-	not lib.present(input.params, "model")
+deny_0_chat_completions contains "constraint_violated: model is required" if {
+	not input.present["model"]
 }
 
-checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: model not in [gpt-4o-mini]"} if {
+deny_0_chat_completions contains "constraint_violated: model not in [gpt-4o-mini]" if {
 	some x in input.params["model"]
 	not x in {"gpt-4o-mini"}
 }
 
 # n: max 1; on violation deny
-checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: n is not a number"} if {
+deny_0_chat_completions contains "constraint_violated: n is not a number" if {
 	some x in input.numbers["n"]
 	not is_number(x)
 }
 
-checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_violated: n > max 1"} if {
+deny_0_chat_completions contains "constraint_violated: n > max 1" if {
 	some x in input.numbers["n"]
 	is_number(x)
 	x > 1
@@ -136,39 +140,44 @@ checks_0_chat_completions contains {"effect": "deny", "reason": "constraint_viol
 
 # === anthropic-api messages POST /v1/messages ===
 
-violations contains v if {
+violations contains {"effect": "deny", "reason": reason} if {
 	route.action == "messages"
-	some v in checks_2_messages
+	some reason in deny_2_messages
+}
+
+# A body that could not be parsed into parameters fails the constraints.
+deny_2_messages contains concat("", ["malformed_body: ", input.body_error]) if {
+	input.body_error
 }
 
 # max_tokens: required, min 1, max 4096; on violation deny
-checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: max_tokens is required"} if {
-	not lib.present(input.params, "max_tokens")
+deny_2_messages contains "constraint_violated: max_tokens is required" if {
+	not input.present["max_tokens"]
 }
 
-checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: max_tokens is not a number"} if {
+deny_2_messages contains "constraint_violated: max_tokens is not a number" if {
 	some x in input.numbers["max_tokens"]
 	not is_number(x)
 }
 
-checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: max_tokens > max 4096"} if {
+deny_2_messages contains "constraint_violated: max_tokens > max 4096" if {
 	some x in input.numbers["max_tokens"]
 	is_number(x)
 	x > 4096
 }
 
-checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: max_tokens < min 1"} if {
+deny_2_messages contains "constraint_violated: max_tokens < min 1" if {
 	some x in input.numbers["max_tokens"]
 	is_number(x)
 	x < 1
 }
 
 # model: required, regex claude-3-5-haiku(-latest|-[0-9]{8})?; on violation deny
-checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: model is required"} if {
-	not lib.present(input.params, "model")
+deny_2_messages contains "constraint_violated: model is required" if {
+	not input.present["model"]
 }
 
-checks_2_messages contains {"effect": "deny", "reason": "constraint_violated: model does not match claude-3-5-haiku(-latest|-[0-9]{8})?"} if {
+deny_2_messages contains "constraint_violated: model does not match claude-3-5-haiku(-latest|-[0-9]{8})?" if {
 	some x in input.params["model"]
 	not regex.match(`^(?:claude-3-5-haiku(-latest|-[0-9]{8})?)$`, lib.text(x))
 }

@@ -23,44 +23,44 @@ actions := {
 		"reason": "sanitize: email, phone, ssn, card",
 		"sanitize": ["email", "phone", "ssn", "card"],
 		"price_usd": null,
-		"checks_params": true,
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); a literal where
-# no violation can apply.
+# The decision of the first matching action, in file order (as `route`): a literal where
+# no violation can apply, else the action's `decide_` rule (below).
 # slack chat.postMessage POST /api/chat.postMessage
-decision := {"verdict": "allow", "would": o.verdict, "reason": o.reason, "tool": "slack", "action": "chat.postMessage", "sanitize": ["email", "phone", "ssn", "card"], "price_usd": null, "version": 1, "mode": "shadow"} if {
+decision := decide_0_chat_postMessage if {
 	input.host == "slack.com"
 	input.method == "POST"
 	input.path == "/api/chat.postMessage"
-	o := lib.outcome(actions["chat.postMessage"], checks_0_chat_postMessage | malformed_body)
 }
-else := lib.no_action(policy)
+else := {"verdict": "allow", "would": "deny", "reason": "no_matching_action", "tool": null, "action": null, "sanitize": [], "price_usd": null, "version": 1, "mode": "shadow"}
 
-# A body that could not be parsed into parameters fails every action with constraints.
-malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	input.body_error
+# slack chat.postMessage POST /api/chat.postMessage: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_0_chat_postMessage := {"verdict": "allow", "would": "deny", "reason": concat("; ", sort(reasons)), "tool": "slack", "action": "chat.postMessage", "sanitize": ["email", "phone", "ssn", "card"], "price_usd": null, "version": 1, "mode": "shadow"} if {
+	reasons := deny_0_chat_postMessage
+	count(reasons) > 0
 }
-
-violations contains v if {
-	actions[route.action].checks_params
-	some v in malformed_body
-}
+else := {"verdict": "allow", "would": "sanitize", "reason": "sanitize: email, phone, ssn, card", "tool": "slack", "action": "chat.postMessage", "sanitize": ["email", "phone", "ssn", "card"], "price_usd": null, "version": 1, "mode": "shadow"}
 
 # === slack chat.postMessage POST /api/chat.postMessage ===
 
-violations contains v if {
+violations contains {"effect": "deny", "reason": reason} if {
 	route.action == "chat.postMessage"
-	some v in checks_0_chat_postMessage
+	some reason in deny_0_chat_postMessage
+}
+
+# A body that could not be parsed into parameters fails the constraints.
+deny_0_chat_postMessage contains concat("", ["malformed_body: ", input.body_error]) if {
+	input.body_error
 }
 
 # channel: required, regex #(support|support-[a-z0-9-]+); on violation deny
-checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: channel is required"} if {
-	not lib.present(input.params, "channel")
+deny_0_chat_postMessage contains "constraint_violated: channel is required" if {
+	not input.present["channel"]
 }
 
-checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: channel does not match #(support|support-[a-z0-9-]+)"} if {
+deny_0_chat_postMessage contains "constraint_violated: channel does not match #(support|support-[a-z0-9-]+)" if {
 	some x in input.params["channel"]
 	not regex.match(`^(?:#(support|support-[a-z0-9-]+))$`, lib.text(x))
 }

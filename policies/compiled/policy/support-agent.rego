@@ -49,39 +49,34 @@ actions := {
 		"reason": "sanitize: email, phone, ssn, card",
 		"sanitize": ["email", "phone", "ssn", "card"],
 		"price_usd": null,
-		"checks_params": true,
 	},
 	"read_tickets": {
 		"decision": "allow",
 		"reason": "allowed",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": false,
 	},
 	"update_ticket": {
 		"decision": "allow",
 		"reason": "allowed",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": true,
 	},
 	"delete_ticket": {
 		"decision": "deny",
 		"reason": "action_denied: delete_ticket",
 		"sanitize": [],
 		"price_usd": null,
-		"checks_params": false,
 	},
 }
 
-# The decision of the first matching action, in file order (as `route`); a literal where
-# no violation can apply.
+# The decision of the first matching action, in file order (as `route`): a literal where
+# no violation can apply, else the action's `decide_` rule (below).
 # slack chat.postMessage POST /api/chat.postMessage
-decision := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "slack", "action": "chat.postMessage", "sanitize": ["email", "phone", "ssn", "card"], "price_usd": null, "version": 2, "mode": "enforce"} if {
+decision := decide_0_chat_postMessage if {
 	input.host == "slack.com"
 	input.method == "POST"
 	input.path == "/api/chat.postMessage"
-	o := lib.outcome(actions["chat.postMessage"], checks_0_chat_postMessage | malformed_body)
 }
 # zendesk read_tickets GET /api/v2/tickets/**
 else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "zendesk", "action": "read_tickets", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
@@ -90,7 +85,7 @@ else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "zendes
 	lib.path_under(input.path, "/api/v2/tickets")
 }
 # zendesk update_ticket PUT /api/v2/tickets/*
-else := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "zendesk", "action": "update_ticket", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+else := decide_2_update_ticket if {
 	input.host == "api.zendesk.com"
 	input.method == "PUT"
 	count(input.segments) == 4
@@ -98,7 +93,6 @@ else := {"verdict": o.verdict, "would": null, "reason": o.reason, "tool": "zende
 	input.segments[1] == "v2"
 	input.segments[2] == "tickets"
 	input.segments[3] != ""
-	o := lib.outcome(actions["update_ticket"], checks_2_update_ticket | malformed_body)
 }
 # zendesk delete_ticket DELETE /api/v2/tickets/*
 else := {"verdict": "deny", "would": null, "reason": "action_denied: delete_ticket", "tool": "zendesk", "action": "delete_ticket", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
@@ -110,55 +104,78 @@ else := {"verdict": "deny", "would": null, "reason": "action_denied: delete_tick
 	input.segments[2] == "tickets"
 	input.segments[3] != ""
 }
-else := lib.no_action(policy)
+else := {"verdict": "deny", "would": null, "reason": "no_matching_action", "tool": null, "action": null, "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"}
 
-# A body that could not be parsed into parameters fails every action with constraints.
-malformed_body contains {"effect": "deny", "reason": concat("", ["malformed_body: ", input.body_error])} if {
-	input.body_error
+# slack chat.postMessage POST /api/chat.postMessage: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_0_chat_postMessage := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "slack", "action": "chat.postMessage", "sanitize": ["email", "phone", "ssn", "card"], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := deny_0_chat_postMessage
+	count(reasons) > 0
 }
+else := {"verdict": "sanitize", "would": null, "reason": "sanitize: email, phone, ssn, card", "tool": "slack", "action": "chat.postMessage", "sanitize": ["email", "phone", "ssn", "card"], "price_usd": null, "version": 2, "mode": "enforce"}
 
-violations contains v if {
-	actions[route.action].checks_params
-	some v in malformed_body
+# zendesk update_ticket PUT /api/v2/tickets/*: deny, then approval_needed, when there are reasons; else the action's own decision.
+decide_2_update_ticket := {"verdict": "deny", "would": null, "reason": concat("; ", sort(reasons)), "tool": "zendesk", "action": "update_ticket", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := deny_2_update_ticket
+	count(reasons) > 0
 }
+else := {"verdict": "approval_needed", "would": null, "reason": concat("; ", sort(reasons)), "tool": "zendesk", "action": "update_ticket", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"} if {
+	reasons := approval_2_update_ticket
+	count(reasons) > 0
+}
+else := {"verdict": "allow", "would": null, "reason": "allowed", "tool": "zendesk", "action": "update_ticket", "sanitize": [], "price_usd": null, "version": 2, "mode": "enforce"}
 
 # === slack chat.postMessage POST /api/chat.postMessage ===
 
-violations contains v if {
+violations contains {"effect": "deny", "reason": reason} if {
 	route.action == "chat.postMessage"
-	some v in checks_0_chat_postMessage
+	some reason in deny_0_chat_postMessage
+}
+
+# A body that could not be parsed into parameters fails the constraints.
+deny_0_chat_postMessage contains concat("", ["malformed_body: ", input.body_error]) if {
+	input.body_error
 }
 
 # channel: required, 1 allowed value(s); on violation deny
-checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: channel is required"} if {
-	not lib.present(input.params, "channel")
+deny_0_chat_postMessage contains "constraint_violated: channel is required" if {
+	not input.present["channel"]
 }
 
-checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: channel not in [#support]"} if {
+deny_0_chat_postMessage contains "constraint_violated: channel not in [#support]" if {
 	some x in input.params["channel"]
 	not x in {"#support"}
 }
 
 # business hours: Mon-Fri 09:00-18:00 America/New_York
-checks_0_chat_postMessage contains {"effect": "deny", "reason": "constraint_violated: outside business hours (Mon-Fri 09:00-18:00 America/New_York)"} if {
+deny_0_chat_postMessage contains "constraint_violated: outside business hours (Mon-Fri 09:00-18:00 America/New_York)" if {
 	not lib.within_hours(input.time_ns, "America/New_York", {"Monday", "Tuesday", "Wednesday", "Thursday", "Friday"}, 540, 1080)
 }
 
 # === zendesk update_ticket PUT /api/v2/tickets/* ===
 
-violations contains v if {
+violations contains {"effect": "deny", "reason": reason} if {
 	route.action == "update_ticket"
-	some v in checks_2_update_ticket
+	some reason in deny_2_update_ticket
+}
+
+violations contains {"effect": "approval_needed", "reason": reason} if {
+	route.action == "update_ticket"
+	some reason in approval_2_update_ticket
+}
+
+# A body that could not be parsed into parameters fails the constraints.
+deny_2_update_ticket contains concat("", ["malformed_body: ", input.body_error]) if {
+	input.body_error
 }
 
 # ticket.priority: 3 allowed value(s); on violation approval_needed
-checks_2_update_ticket contains {"effect": "approval_needed", "reason": "constraint_violated: ticket.priority not in [low, normal, high]"} if {
+approval_2_update_ticket contains "constraint_violated: ticket.priority not in [low, normal, high]" if {
 	some x in input.params["ticket.priority"]
 	not x in {"low", "normal", "high"}
 }
 
 # ticket.status: 3 allowed value(s); on violation deny
-checks_2_update_ticket contains {"effect": "deny", "reason": "constraint_violated: ticket.status not in [open, pending, solved]"} if {
+deny_2_update_ticket contains "constraint_violated: ticket.status not in [open, pending, solved]" if {
 	some x in input.params["ticket.status"]
 	not x in {"open", "pending", "solved"}
 }
