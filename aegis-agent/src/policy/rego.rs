@@ -291,25 +291,100 @@ fn compile_route(w: &mut String, policy: &Policy) {
         w,
         "# The first matching action, in file order; undefined when none matches."
     );
-    for (i, (tool, action)) in actions.iter().enumerate() {
-        let _ = writeln!(
-            w,
-            "{}# {} {} {} {}\n{} {{\"tool\": {}, \"action\": {}}} if {{",
-            if i == 0 { "" } else { "\n" },
-            tool.name,
-            action.name,
-            methods_str(action),
-            action.path.pattern,
-            if i == 0 { "route :=" } else { "else :=" },
-            lit(tool.name.as_str()),
-            lit(action.name.as_str()),
-        );
-        for line in match_conditions(tool, action) {
-            let _ = writeln!(w, "\t{line}");
+    let branches: Vec<Branch> = actions
+        .iter()
+        .map(|(tool, action)| Branch {
+            comment: format!(
+                "{} {} {} {}",
+                tool.name,
+                action.name,
+                methods_str(action),
+                action.path.pattern
+            ),
+            value: format!(
+                "{{\"tool\": {}, \"action\": {}}}",
+                lit(tool.name.as_str()),
+                lit(action.name.as_str())
+            ),
+            body: match_conditions(tool, action),
+        })
+        .collect();
+    write_chain(w, "route", &branches, None);
+}
+
+/// One branch of an `else` chain: a comment line, the value, the conditions (one per line).
+struct Branch {
+    comment: String,
+    value: String,
+    body: Vec<String>,
+}
+
+/// Registers regorus's RVM gives one rule, over all its `else` branches (`Register overflow`
+/// at compile time beyond it).
+const RVM_RULE_REGISTERS: usize = 255;
+
+/// A conservative register count of one branch: about three per condition (load, literal,
+/// comparison), one per value field, a few for the rule's own bookkeeping.
+fn branch_registers(b: &Branch) -> usize {
+    3 * b.body.len() + 12 + b.value.matches(": ").count()
+}
+
+/// Writes `rule` as an `else` chain over `branches` in order, ending in `fallback` (or undefined
+/// when there is none). A chain that would not fit one rule's registers is split into
+/// `<rule>_part_<k>` rules of consecutive branches, each an `else` chain of its own ending in
+/// `false` when none of its branches applies, and `rule` tries them in order: the first branch
+/// that applies still wins, at one rule call more per part tried. (Not undefined: regorus
+/// 0.14's RVM ends the whole `else` chain when a branch reads an undefined rule, where the
+/// interpreter goes on to the next branch.)
+fn write_chain(w: &mut String, rule: &str, branches: &[Branch], fallback: Option<&str>) {
+    let budget = RVM_RULE_REGISTERS * 3 / 4;
+    let mut parts: Vec<&[Branch]> = Vec::new();
+    let (mut start, mut used) = (0, 0);
+    for (i, b) in branches.iter().enumerate() {
+        let cost = branch_registers(b);
+        if i > start && used + cost > budget {
+            parts.push(&branches[start..i]);
+            (start, used) = (i, 0);
         }
-        let _ = write!(w, "}}");
+        used += cost;
     }
-    let _ = writeln!(w, "\n");
+    parts.push(&branches[start..]);
+    let flat = |w: &mut String, name: &str, branches: &[Branch], fallback: Option<&str>| {
+        for (i, b) in branches.iter().enumerate() {
+            let head = if i == 0 {
+                format!("{name} :=")
+            } else {
+                "else :=".to_owned()
+            };
+            let _ = writeln!(w, "# {}\n{head} {} if {{", b.comment, b.value);
+            for line in &b.body {
+                let _ = writeln!(w, "\t{line}");
+            }
+            let _ = writeln!(w, "}}");
+        }
+        if let Some(f) = fallback {
+            let _ = writeln!(w, "else := {f}");
+        }
+        let _ = writeln!(w);
+    };
+    if parts.len() == 1 {
+        flat(w, rule, branches, fallback);
+        return;
+    }
+    let main: Vec<Branch> = (0..parts.len())
+        .map(|k| Branch {
+            comment: format!("actions of part {k}"),
+            value: "found".to_owned(),
+            body: vec![
+                format!("found := {rule}_part_{k}"),
+                "found != false".to_owned(),
+            ],
+        })
+        .collect();
+    flat(w, rule, &main, fallback);
+    for (k, part) in parts.iter().enumerate() {
+        flat(w, &format!("{rule}_part_{k}"), part, Some("false"));
+    }
 }
 
 /// The Rego conditions (one per line) that a request is for `action` of `tool`: host, method,
@@ -369,15 +444,13 @@ fn compile_decision(w: &mut String, policy: &Policy, has_ext: bool, no_literals:
         "# The decision of the first matching action, in file order (as `route`): a literal where\n# no violation can apply, else the action's `decide_` rule (below)."
     );
     let mut helpers = String::new();
-    let mut first = true;
-    let mut branch = |w: &mut String, comment: &str, value: &str, body: &[String]| {
-        let head = if first { "decision :=" } else { "else :=" };
-        first = false;
-        let _ = writeln!(w, "# {comment}\n{head} {value} if {{");
-        for line in body {
-            let _ = writeln!(w, "\t{line}");
-        }
-        let _ = writeln!(w, "}}");
+    let mut branches = Vec::new();
+    let mut branch = |comment: &str, value: &str, body: &[String]| {
+        branches.push(Branch {
+            comment: comment.to_owned(),
+            value: value.to_owned(),
+            body: body.to_vec(),
+        });
     };
     for (index, (tool, action)) in actions.iter().enumerate() {
         let name = lit(action.name.as_str());
@@ -401,18 +474,18 @@ fn compile_decision(w: &mut String, policy: &Policy, has_ext: bool, no_literals:
                 "lib.decide(policy, {{\"tool\": {}, \"action\": {name}}}, actions[{name}], violations)",
                 lit(tool.name.as_str()),
             );
-            branch(w, &comment, &value, &route);
+            branch(&comment, &value, &route);
             continue;
         }
         let checks = action_checks(action);
         if checks.is_empty() && !has_ext {
-            branch(w, &comment, &own, &route);
+            branch(&comment, &own, &route);
             continue;
         }
         // The action's own rule: one call, and registers of its own (regorus's VM allocates
         // at most 255 per rule, over all its `else` branches).
         let rule = checks_set(action, index, None);
-        branch(w, &comment, &rule, &route);
+        branch(&comment, &rule, &route);
         let _ = writeln!(
             helpers,
             "# {comment}: deny, then approval_needed, when there are reasons; else the action's own decision."
@@ -445,7 +518,7 @@ fn compile_decision(w: &mut String, policy: &Policy, has_ext: bool, no_literals:
         }
         let _ = writeln!(helpers, "else := {own}\n");
     }
-    let _ = writeln!(w, "else := {no_action}\n");
+    write_chain(w, "decision", &branches, Some(&no_action));
     w.push_str(&helpers);
 }
 

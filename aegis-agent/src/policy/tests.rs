@@ -762,9 +762,62 @@ fn literal_decisions_equal_lib_decide() {
         }
     }
     assert!(compared > 40, "{compared}");
-    assert!(violated > 10, "decisions with violations compared: {violated}");
+    assert!(
+        violated > 10,
+        "decisions with violations compared: {violated}"
+    );
     assert!(
         literal_routes >= 8,
         "literal decisions compared: {literal_routes}"
     );
+}
+
+/// A policy with more actions than one RVM rule has registers for (255 per rule) loads: its
+/// `route` and `decision` chains are split into parts tried in order, and the first matching
+/// action still decides, on the VM as on the interpreter.
+#[test]
+fn a_policy_with_many_actions_loads_and_routes_in_order() {
+    use std::fmt::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut actions = String::new();
+    for i in 0..120 {
+        if i % 3 == 0 {
+            let _ = writeln!(
+                actions,
+                "      - {{ name: a{i}, method: POST, path: /p{i}/*/x, params: {{ n: {{ required: true, max: {i} }} }} }}"
+            );
+        } else {
+            let _ = writeln!(
+                actions,
+                "      - {{ name: a{i}, method: POST, path: /p{i}/*/x }}"
+            );
+        }
+    }
+    // A catch-all last: everything not matched earlier lands here, nothing earlier does.
+    actions.push_str("      - { name: rest, method: \"*\", path: /** , decision: deny }\n");
+    write(dir.path(), "a.yaml", &format!("{L7_HEAD}{actions}"));
+    let set = PolicySet::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let compiled = super::rego::compile_policy(set.sorted()[0], false);
+    assert!(compiled.contains("decision_part_1"), "the chain was split");
+    let engine = L7Engine::build_with_limit(&set, TEST_LIMIT).unwrap_or_else(|e| panic!("{e}"));
+    for (path, body, action, verdict) in [
+        ("/p0/s/x", &br#"{"n": 0}"#[..], "a0", L7Verdict::Allow),
+        ("/p1/s/x", b"", "a1", L7Verdict::Allow),
+        ("/p99/s/x", br#"{"n": 100}"#, "a99", L7Verdict::Deny),
+        ("/p117/s/x", br#"{"n": 5}"#, "a117", L7Verdict::Allow),
+        ("/p119/s/x", b"", "a119", L7Verdict::Allow),
+        ("/p119/s/y", b"", "rest", L7Verdict::Deny),
+    ] {
+        let req = request("a", "api.example.com", "POST", path, body);
+        let vm = engine.decide_with(&req, Backend::Vm).unwrap();
+        let interp = engine
+            .decide_with_every_param(&req, Backend::Interpreter)
+            .unwrap();
+        assert_eq!(vm, interp, "{path}");
+        assert_eq!(
+            (vm.action.as_deref(), vm.verdict),
+            (Some(action), verdict),
+            "{path}: {vm:?}"
+        );
+    }
 }
