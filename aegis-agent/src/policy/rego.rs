@@ -659,9 +659,10 @@ fn compile_actions(w: &mut String, policy: &Policy) {
     let _ = writeln!(w, "}}\n");
 }
 
-/// One violation an action's constraints can raise: its effect, its reason, the comment line
-/// of the constraint it comes from (first check of a constraint only) and the Rego conditions
-/// (one per line, never empty) under which it applies.
+/// One violation an action's constraints can raise: its effect, its reason (a Rego expression:
+/// a string literal, or the `malformed_body: ...` concatenation), the comment line of the
+/// constraint it comes from (first check of a constraint only) and the Rego conditions (one per
+/// line, never empty) under which it applies.
 struct Check {
     effect: OnViolation,
     reason: String,
@@ -676,7 +677,7 @@ fn action_checks(action: &Action) -> Vec<Check> {
     if !action.params.is_empty() {
         checks.push(Check {
             effect: OnViolation::Deny,
-            reason: String::new(),
+            reason: "concat(\"\", [\"malformed_body: \", input.body_error])".to_owned(),
             comment: Some(
                 "# A body that could not be parsed into parameters fails the constraints."
                     .to_owned(),
@@ -695,10 +696,10 @@ fn action_checks(action: &Action) -> Vec<Check> {
             .collect();
         checks.push(Check {
             effect: hours.on_violation,
-            reason: format!(
+            reason: lit(&format!(
                 "constraint_violated: outside business hours ({})",
                 hours.describe()
-            ),
+            )),
             comment: Some(format!("# business hours: {}", hours.describe())),
             body: vec![format!(
                 "not lib.within_hours(input.time_ns, {}, {{{}}}, {}, {})",
@@ -744,16 +745,11 @@ fn compile_checks(w: &mut String, tool: &Tool, action: &Action, index: usize) {
         if let Some(comment) = &check.comment {
             let _ = writeln!(w, "{comment}");
         }
-        // The malformed-body check's reason is computed (the reason string is empty).
-        let reason = if check.reason.is_empty() {
-            "concat(\"\", [\"malformed_body: \", input.body_error])".to_owned()
-        } else {
-            lit(&check.reason)
-        };
         let _ = writeln!(
             w,
-            "{} contains {reason} if {{",
-            checks_set(action, index, Some(check.effect))
+            "{} contains {} if {{",
+            checks_set(action, index, Some(check.effect)),
+            check.reason
         );
         for line in &check.body {
             let _ = writeln!(w, "\t{line}");
@@ -773,7 +769,7 @@ fn param_checks(checks: &mut Vec<Check>, path: &str, rule: &ParamRule) {
     let mut push = |effect: OnViolation, reason: String, body: Vec<String>| {
         checks.push(Check {
             effect,
-            reason,
+            reason: lit(&reason),
             comment: comment.take(),
             body,
         });
