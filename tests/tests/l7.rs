@@ -534,24 +534,39 @@ print(r.status, json.loads(r.read())["error"])
 fn a_policy_reload_mid_traffic_loses_no_request() {
     let w = world();
     let ca = w.node_ca().to_string_lossy().into_owned();
-    // 60 sequential calls, each on a new connection, while the policy is rewritten and reloaded.
+    // Sequential calls, each on a new connection, until the test has rewritten and reloaded the
+    // policy three times (and at least 20): the client runs before, during and after every
+    // reload, however fast this machine serves it.
+    let stop = w.dir().join("reloads-done");
     let script = r#"
-import json, ssl, sys, urllib.request
+import json, os, ssl, sys, urllib.request
 ctx = ssl.create_default_context(cafile=sys.argv[1])
-ok = failed = 0
-for i in range(60):
-    req = urllib.request.Request("https://api.stripe.com/v1/payment_intents", data=json.dumps({"amount": i}).encode(),
+ok = failed = calls = 0
+while calls < 20 or (not os.path.exists(sys.argv[2]) and calls < 5000):
+    req = urllib.request.Request("https://api.stripe.com/v1/payment_intents", data=json.dumps({"amount": calls}).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
     try:
         body = json.load(urllib.request.urlopen(req, timeout=10, context=ctx))
-        ok += body["body"] == json.dumps({"amount": i})
+        ok += body["body"] == json.dumps({"amount": calls})
     except Exception as e:
         failed += 1
-        print("failed", i, e, file=sys.stderr)
-print(ok, failed)
+        print("failed", calls, e, file=sys.stderr)
+    calls += 1
+print(ok, failed, calls)
 "#;
     let python = w.python().to_string_lossy().into_owned();
-    let child = w.pod_spawn(1, FINANCE, &[python.as_str(), "-c", script, ca.as_str()]);
+    let stop_arg = stop.to_string_lossy().into_owned();
+    let child = w.pod_spawn(
+        1,
+        FINANCE,
+        &[
+            python.as_str(),
+            "-c",
+            script,
+            ca.as_str(),
+            stop_arg.as_str(),
+        ],
+    );
     for version in 6..9 {
         std::thread::sleep(Duration::from_millis(300));
         w.write_policy(
@@ -560,12 +575,27 @@ print(ok, failed)
         );
         w.reload_policy();
     }
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&stop, b"").expect("write the stop file");
     let out = child.wait_with_output().expect("client");
     assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<usize> = stdout
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let [ok, failed, calls] = counts[..] else {
+        panic!("client output: {}", describe(&out));
+    };
+    assert!(
+        calls < 5000,
+        "the client never saw the stop file: {}",
+        describe(&out)
+    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "60 0",
-        "{}\n{}",
+        (ok, failed),
+        (calls, 0),
+        "every call answered with its body: {}\n{}",
         describe(&out),
         w.diagnostics()
     );
@@ -578,12 +608,12 @@ print(ok, failed)
             .into_iter()
             .filter(|r| r["kind"] == "l7_decision")
             .collect();
-        if decisions.len() >= 60 || std::time::Instant::now() > deadline {
+        if decisions.len() >= calls || std::time::Instant::now() > deadline {
             break decisions;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(decisions.len(), 60, "one audit record per call");
+    assert_eq!(decisions.len(), calls, "one audit record per call");
     let versions: std::collections::BTreeSet<u64> = decisions
         .iter()
         .filter_map(|r| r["policy_version"].as_u64())

@@ -46,6 +46,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed to reach the upstream and finish its TLS handshake.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most bytes of an unread request body read and dropped before an early refusal
+/// ([`refuse_unread`]).
+const DISCARD_MAX: usize = 64 * 1024;
+/// Longest wait for the rest of an unread request body before an early refusal.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(1);
+
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Settings of the L7 enforcer.
@@ -436,11 +442,16 @@ async fn decide_and_forward(
     record: &mut L7Record,
 ) -> (Response<Body>, Option<Refusal>) {
     let refuse = |refusal: Refusal| (error_response(&refusal), Some(refusal));
+    let (mut parts, body) = req.into_parts();
     // Checked per request: connections opened before the switch was turned on are cut too.
     if shared.kill.is_killed(conn.identity.agent.as_str()) {
-        return refuse(Refusal::Killed {
-            agent: conn.identity.agent.to_string(),
-        });
+        return refuse_unread(
+            body,
+            Refusal::Killed {
+                agent: conn.identity.agent.to_string(),
+            },
+        )
+        .await;
     }
     // Every request counts against the identity's rate, before any work on it.
     let mut would_rate_limit = false;
@@ -453,20 +464,23 @@ async fn decide_and_forward(
         match shared.state.take_rate(&conn.key, limit).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) if mode == Mode::Shadow => would_rate_limit = true,
-            Ok(Err(retry_after)) => return refuse(Refusal::RateLimited { retry_after }),
+            Ok(Err(retry_after)) => {
+                return refuse_unread(body, Refusal::RateLimited { retry_after }).await;
+            }
             Err(e) => {
                 if let Some(refusal) = state_unavailable(shared, conn, "rate limit store", e) {
-                    return refuse(refusal);
+                    return refuse_unread(body, refusal).await;
                 }
             }
         }
     }
-    let host = req
-        .uri()
+    let host = parts
+        .uri
         .host()
         .map(str::to_owned)
         .or_else(|| {
-            req.headers()
+            parts
+                .headers
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(|h| h.split(':').next().unwrap_or(h).to_owned())
@@ -475,38 +489,42 @@ async fn decide_and_forward(
         .to_ascii_lowercase();
     // An agent token, when presented: valid, this workload's, unused; then stripped below.
     if let Some(verifier) = &shared.tokens
-        && let Some(value) = req.headers().get(verifier.header.as_str())
+        && let Some(value) = parts.headers.get(verifier.header.as_str())
     {
         let claims = match verifier.verify(value.to_str().unwrap_or(""), &conn.identity) {
             Ok(claims) => claims,
-            Err(e) => return refuse(Refusal::Token(e)),
+            Err(e) => return refuse_unread(body, Refusal::Token(e)).await,
         };
         match shared.state.first_use(&claims.jti, claims.exp).await {
             Ok(true) => {}
-            Ok(false) => return refuse(Refusal::Token(TokenError::Replayed(claims.jti))),
+            Ok(false) => {
+                let replayed = Refusal::Token(TokenError::Replayed(claims.jti));
+                return refuse_unread(body, replayed).await;
+            }
             Err(e) => {
                 if let Some(refusal) = state_unavailable(shared, conn, "token replay store", e) {
-                    return refuse(refusal);
+                    return refuse_unread(body, refusal).await;
                 }
             }
         }
         record.token_jti = Some(claims.jti);
     }
     if host != conn.sni {
-        return refuse(Refusal::HostMismatch {
+        let mismatch = Refusal::HostMismatch {
             host,
             sni: conn.sni.clone(),
-        });
+        };
+        return refuse_unread(body, mismatch).await;
     }
     let limit = shared.settings.max_body;
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
+        // Not read at all: the client is told at once and the connection is not kept.
         return refuse(Refusal::TooLarge { limit });
     }
-    let (mut parts, body) = req.into_parts();
     if let Some(verifier) = &shared.tokens {
         parts.headers.remove(verifier.header.as_str());
     }
@@ -689,6 +707,28 @@ async fn decide_and_forward(
             refuse(refusal)
         }
     }
+}
+
+/// Refuses a request whose body has not been read, after reading and dropping what the client
+/// is still sending of it: at most [`DISCARD_MAX`] bytes, for at most [`DISCARD_TIMEOUT`] (as
+/// nginx discards the body of a request it answers early). An HTTP/2 stream then ends without
+/// the `RST_STREAM(NO_ERROR)` of RFC 9113 §8.1 that some clients (curl 7.88) take for a
+/// failed stream while they are still uploading, and an HTTP/1.1 connection stays usable.
+/// Past either bound the refusal is sent anyway and the stream is reset (HTTP/2) or the
+/// connection closed (HTTP/1.1).
+async fn refuse_unread(body: Incoming, refusal: Refusal) -> (Response<Body>, Option<Refusal>) {
+    let drain = async {
+        let mut body = std::pin::pin!(body);
+        let mut read = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
+            if read > DISCARD_MAX {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, drain).await;
+    (error_response(&refusal), Some(refusal))
 }
 
 /// What a decided request costs and which limits of its tool apply.
