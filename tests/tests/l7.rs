@@ -743,13 +743,13 @@ call()
     );
 }
 
-/// `rate_limit: {requests_per_second: 1, burst: 3}`: six calls back to back on one keep-alive
+/// `rate_limit: {requests_per_minute: 1, burst: 3}`: six calls back to back on one keep-alive
 /// connection; the first three pass, the rest get 429 with Retry-After and a JSON body.
 #[test]
 fn rate_limit_passes_the_burst_then_answers_429_with_retry_after() {
     let limited = FINANCE_POLICY.replacen(
         "version: 5\n",
-        "version: 5\nrate_limit: { requests_per_second: 1, burst: 3 }\n",
+        "version: 5\nrate_limit: { requests_per_minute: 1, burst: 3 }\n",
         1,
     );
     // Written after the default one, under the same file name: it replaces it.
@@ -771,8 +771,24 @@ fn rate_limit_passes_the_burst_then_answers_429_with_retry_after() {
         ["200", "200", "200", "429", "429", "429"],
         "{out}"
     );
-    assert!(out.to_ascii_lowercase().contains("retry-after: 1"), "{out}");
+    // The bucket earns one request a minute: the next passes 60 s after the burst, less the
+    // seconds the six calls took (a few, even on a loaded machine).
+    let lower = out.to_ascii_lowercase();
+    let retry_after: Vec<u64> = lower
+        .split("retry-after: ")
+        .skip(1)
+        .map(|r| r.split_whitespace().next().unwrap_or("").parse().unwrap())
+        .collect();
+    assert_eq!(retry_after.len(), 3, "{out}");
+    assert!(
+        retry_after.iter().all(|s| (50..=60).contains(s)),
+        "{retry_after:?}\n{out}"
+    );
     assert!(out.contains(r#""reason":"RateLimited""#), "{out}");
+    assert!(
+        out.contains(&format!(r#""retry_after_s":{}"#, retry_after[0])),
+        "{out}"
+    );
 }
 
 /// Agent tokens (`--token-key`): a valid token of the calling workload passes once and is
@@ -1502,11 +1518,11 @@ fn tool_budgets_and_rate_limits_hold_for_their_tool_only() {
         )
         .replacen(
             "  - name: slack\n    host: hooks.slack.com\n",
-            "  - name: slack\n    host: hooks.slack.com\n    rate_limit: { requests_per_second: 1, burst: 2 }\n",
+            "  - name: slack\n    host: hooks.slack.com\n    rate_limit: { requests_per_minute: 2 }\n",
             1,
         );
     assert!(
-        policy.contains("daily_usd: 2") && policy.contains("burst: 2"),
+        policy.contains("daily_usd: 2") && policy.contains("requests_per_minute: 2"),
         "{policy}"
     );
     let w = world_with(|b| b.policy("finance.yaml", &policy));
@@ -1539,7 +1555,7 @@ fn tool_budgets_and_rate_limits_hold_for_their_tool_only() {
     assert_eq!(
         statuses,
         ["200", "200", "429"],
-        "the slack tool's burst of 2"
+        "the slack tool's 2 a minute"
     );
     // The payments tool has no rate limit of its own: still 402 (budget), not 429.
     assert_eq!(charge().0, "402");

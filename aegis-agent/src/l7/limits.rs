@@ -41,8 +41,10 @@ impl RateLimits {
                     if map.len() >= MAX_LIMITERS {
                         map.clear();
                     }
-                    let quota = Quota::per_second(limit.requests_per_second)
-                        .allow_burst(limit.burst.unwrap_or(limit.requests_per_second));
+                    // `interval` is at least 1 µs by construction, so `with_period` has a quota.
+                    let quota = Quota::with_period(limit.interval)
+                        .expect("a non-zero interval")
+                        .allow_burst(limit.burst);
                     let limiter = Arc::new(RateLimiter::direct(quota));
                     map.insert(key.to_owned(), (limit, limiter.clone()));
                     limiter
@@ -70,10 +72,7 @@ mod tests {
     #[test]
     fn a_burst_passes_then_the_rate_holds_per_identity() {
         let limits = RateLimits::default();
-        let limit = RateLimit {
-            requests_per_second: NonZeroU32::new(1).unwrap(),
-            burst: NonZeroU32::new(3),
-        };
+        let limit = RateLimit::per_second(NonZeroU32::new(1).unwrap(), NonZeroU32::new(3));
         let (a, b) = ("a@default", "b@default");
         for _ in 0..3 {
             assert!(limits.check(a, limit).is_ok());

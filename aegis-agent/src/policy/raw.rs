@@ -59,16 +59,87 @@ pub enum OnExceed {
     ApprovalNeeded,
 }
 
-/// `rate_limit`: the identity's L7 request rate, enforced by GCRA (a token bucket refilled at
-/// `requests_per_second`, holding at most `burst`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `rate_limit`: the identity's L7 request rate, enforced by GCRA (a token bucket that earns
+/// one request every [`RateLimit::interval`] and holds at most [`RateLimit::burst`]).
+///
+/// Written as `{requests_per_second: N}` or `{requests_per_minute: N}` (exactly one; LLM
+/// providers publish per-minute limits), with an optional `burst: M` (default `N`: one period's
+/// worth back to back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
-    /// Sustained rate, requests per second (1 or more).
-    pub requests_per_second: std::num::NonZeroU32,
-    /// Requests allowed back to back after a quiet period (default: `requests_per_second`).
-    #[serde(default)]
-    pub burst: Option<std::num::NonZeroU32>,
+    /// Time to earn one request: 1 s / `requests_per_second`, or 60 s / `requests_per_minute`
+    /// (at least 1 µs; nanoseconds are truncated).
+    pub interval: std::time::Duration,
+    /// Requests allowed back to back after a quiet period.
+    pub burst: std::num::NonZeroU32,
+}
+
+impl RateLimit {
+    /// `n` requests per second, `burst` back to back (default `n`).
+    #[must_use]
+    pub fn per_second(n: std::num::NonZeroU32, burst: Option<std::num::NonZeroU32>) -> RateLimit {
+        RateLimit::per(std::time::Duration::from_secs(1), n, burst)
+    }
+
+    /// `n` requests per minute, `burst` back to back (default `n`).
+    #[must_use]
+    pub fn per_minute(n: std::num::NonZeroU32, burst: Option<std::num::NonZeroU32>) -> RateLimit {
+        RateLimit::per(std::time::Duration::from_secs(60), n, burst)
+    }
+
+    fn per(
+        period: std::time::Duration,
+        n: std::num::NonZeroU32,
+        burst: Option<std::num::NonZeroU32>,
+    ) -> RateLimit {
+        let micros = (period.as_micros() / u128::from(n.get())).max(1);
+        RateLimit {
+            interval: std::time::Duration::from_micros(micros as u64),
+            burst: burst.unwrap_or(n),
+        }
+    }
+}
+
+/// By hand rather than serde's `try_from`, so that a bad combination is reported at the
+/// `rate_limit` mapping's own line (`try_from` reports the enclosing mapping's).
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RateLimit, D::Error> {
+        const FIELDS: &[&str] = &["requests_per_second", "requests_per_minute", "burst"];
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RateLimit;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("{requests_per_second: N} or {requests_per_minute: N}, optionally with burst: M")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RateLimit, A::Error> {
+                use serde::de::Error as _;
+                let (mut per_second, mut per_minute, mut burst) = (None, None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    let slot = match key.as_str() {
+                        "requests_per_second" => &mut per_second,
+                        "requests_per_minute" => &mut per_minute,
+                        "burst" => &mut burst,
+                        other => return Err(A::Error::unknown_field(other, FIELDS)),
+                    };
+                    if slot.is_some() {
+                        return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+                    }
+                    *slot = Some(map.next_value::<std::num::NonZeroU32>()?);
+                }
+                match (per_second, per_minute) {
+                    (Some(n), None) => Ok(RateLimit::per_second(n, burst)),
+                    (None, Some(n)) => Ok(RateLimit::per_minute(n, burst)),
+                    _ => Err(A::Error::custom(
+                        "needs exactly one of requests_per_second, requests_per_minute",
+                    )),
+                }
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 /// The `dlp` section: policy-defined detectors, named by actions' `sanitize` lists.

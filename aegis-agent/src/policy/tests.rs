@@ -441,6 +441,61 @@ fn a_fixed_price_is_the_decisions_cost_and_llm_pricing_is_validated() {
     }
 }
 
+/// `rate_limit` is per second or per minute, never both or neither; errors name the mapping's
+/// own line.
+#[test]
+fn a_rate_limit_is_per_second_or_per_minute_and_errors_name_its_line() {
+    use std::{num::NonZeroU32, time::Duration};
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |rate: &str| {
+        format!("agent: a\nversion: 1\nrate_limit: {rate}\negress:\n  - fqdn: api.test\n")
+    };
+    let n = |v: u32| NonZeroU32::new(v).unwrap();
+    for (rate, interval, burst) in [
+        (
+            "{ requests_per_second: 4 }",
+            Duration::from_millis(250),
+            n(4),
+        ),
+        (
+            "{ requests_per_second: 1, burst: 3 }",
+            Duration::from_secs(1),
+            n(3),
+        ),
+        ("{ requests_per_minute: 30 }", Duration::from_secs(2), n(30)),
+        (
+            "{ requests_per_minute: 1, burst: 5 }",
+            Duration::from_secs(60),
+            n(5),
+        ),
+    ] {
+        write(dir.path(), "a.yaml", &policy(rate));
+        let set = PolicySet::load_dir(dir.path()).unwrap_or_else(|e| panic!("{rate}: {e}"));
+        let got = set.for_identity("a", "default").unwrap().rate_limit;
+        assert_eq!(got, Some(RateLimit { interval, burst }), "{rate}");
+    }
+    for (rate, message) in [
+        (
+            "{ requests_per_second: 1, requests_per_minute: 60 }",
+            "exactly one of",
+        ),
+        ("{ burst: 2 }", "exactly one of"),
+        (
+            "{ requests_per_hour: 2 }",
+            "unknown field `requests_per_hour`",
+        ),
+        ("{ requests_per_minute: 0 }", "nonzero"),
+        ("10", "invalid type"),
+    ] {
+        write(dir.path(), "a.yaml", &policy(rate));
+        let err = PolicySet::load_dir(dir.path()).expect_err(rate).to_string();
+        assert!(
+            err.contains("a.yaml:3:") && err.contains(message),
+            "{rate}: {err}"
+        );
+    }
+}
+
 #[test]
 fn the_engine_is_shareable() {
     fn shareable<T: Send + Sync>() {}

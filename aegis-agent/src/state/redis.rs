@@ -6,7 +6,7 @@
 //!   (keys `aegis:budget:<agent@tenant>|day:YYYY-MM-DD` and `...|month:YYYY-MM`, integer
 //!   micro-USD, expiring 3 and 62 days after their last write);
 //! - rate limits: GCRA (the generic cell rate algorithm, as `governor` and `redis-cell`
-//!   implement it) on the server's clock; key `aegis:rate:<bucket>:<rps>:<burst>` holds
+//!   implement it) on the server's clock; key `aegis:rate:<bucket>:<interval_us>:<burst>` holds
 //!   the theoretical arrival time in microseconds;
 //! - token ids: `SET aegis:jti:<jti> 1 NX EXAT <exp>`.
 //!
@@ -227,10 +227,11 @@ impl BudgetStore for RedisState {
 
 impl RateStore for RedisState {
     fn take(&self, bucket: &str, limit: RateLimit) -> Result<Result<(), Duration>, Unavailable> {
-        let rps = u64::from(limit.requests_per_second.get());
-        let burst = u64::from(limit.burst.unwrap_or(limit.requests_per_second).get());
-        let interval_us = 1_000_000 / rps.max(1);
-        let key = format!("{PREFIX}rate:{bucket}:{rps}:{burst}");
+        let interval_us = u64::try_from(limit.interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let burst = u64::from(limit.burst.get());
+        let key = format!("{PREFIX}rate:{bucket}:{interval_us}:{burst}");
         let mut invocation = self.gcra.prepare_invoke();
         invocation.key(key).arg(interval_us).arg(burst);
         let (ok, wait_us): (u8, u64) = self.with(|c| invocation.invoke(c))?;
@@ -358,10 +359,7 @@ mod tests {
         let redis = server();
         let (a, b) = (node(&redis.url), node(&redis.url));
         let who = "support-agent@default";
-        let limit = RateLimit {
-            requests_per_second: 2.try_into().unwrap(),
-            burst: Some(4.try_into().unwrap()),
-        };
+        let limit = RateLimit::per_second(2.try_into().unwrap(), Some(4.try_into().unwrap()));
         let mut passed = 0;
         let mut waits = Vec::new();
         for i in 0..8 {
@@ -399,10 +397,7 @@ mod tests {
         assert!(b.first_use("jti-2", exp).unwrap());
         drop(redis);
         let who = "support-agent@default";
-        let limit = RateLimit {
-            requests_per_second: 1.try_into().unwrap(),
-            burst: None,
-        };
+        let limit = RateLimit::per_second(1.try_into().unwrap(), None);
         assert!(a.first_use("jti-3", exp).is_err());
         assert!(a.take(who, limit).is_err());
         let now = "2026-11-22T10:00:00Z".parse().unwrap();
