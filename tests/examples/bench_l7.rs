@@ -21,7 +21,9 @@
 //! Saturation: `wrk -t2 -c32 --latency` (HTTP/1.1 keep-alive) and `h2load -t2 -c32 -m10`
 //! (HTTP/2); percentiles from wrk's own distribution and from h2load's per-request log. Fixed
 //! rate: `h2load --rps` (10 connections × 100 requests/s = 1,000 requests/s), over HTTP/1.1
-//! (`--h1`) and HTTP/2, percentiles from the per-request log. CPU: user+system time of the
+//! (`--h1`) and HTTP/2, percentiles from the per-request log; the three paths alternate for
+//! `AEGIS_BENCH_ROUNDS` rounds (3) and each row gives medians, the added p99 paired with the
+//! same round's direct run (one run each was too noisy on a two-core VM). CPU: user+system time of the
 //! enforcer (the agent process) and of the nginx proxy's processes during each run. Before each
 //! measured run the agent must be idle (its log and audit backlog written), so runs do not
 //! bleed into each other.
@@ -45,7 +47,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aegis_tests::report::{field, num_cpus, percentile, uname_r};
+use aegis_tests::report::{field, median, num_cpus, percentile, uname_r};
 use aegis_tests::world::{DnsRecord, World, describe, pod_gateway_v4, workspace_root};
 
 const UPSTREAM: &str = "api.bench.test";
@@ -310,61 +312,80 @@ fn main() {
     }
     if section("fixed") {
         // === fixed rate ===
+        // One 8-second run per path proved too noisy on a shared two-core VM (a path's added p99
+        // moved by ±0.3 ms between identical runs): the paths alternate for `rounds` rounds and
+        // each row gives the medians, the added p99 paired with the same round's direct run.
         let rate = FIXED_CLIENTS * FIXED_RPS_PER_CLIENT;
+        let rounds = bench_rounds();
         for (proto, extra) in [("HTTP/1.1", &["--h1"][..]), ("HTTP/2", &[][..])] {
             println!(
-                "## {proto} at a fixed rate: {rate} requests/s ({FIXED_CLIENTS} connections × {FIXED_RPS_PER_CLIENT}/s, h2load --rps), {seconds} s\n"
+                "## {proto} at a fixed rate: {rate} requests/s ({FIXED_CLIENTS} connections × {FIXED_RPS_PER_CLIENT}/s, h2load --rps), {rounds} alternating rounds of {seconds} s\n"
             );
             println!(
-                "| path | request | requests/s | p50 ms | p99 ms | errors | added p99 over direct ms | inside the enforcer p50 / p99 ms |"
+                "| path | request | requests/s | p50 ms | p99 ms | errors | added p99 over direct ms, median (per round) | inside the enforcer p50 / p99 ms |"
             );
             println!("|---|---|---|---|---|---|---|---|");
             for r in &requests {
-                let mut direct_p99 = f64::NAN;
-                for (i, p) in paths.iter().enumerate() {
-                    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-                    args.extend([
-                        "-c".into(),
-                        FIXED_CLIENTS.to_string(),
-                        "-m".into(),
-                        "1".into(),
-                        format!("--rps={FIXED_RPS_PER_CLIENT}"),
-                        "-D".into(),
-                        seconds.to_string(),
-                    ]);
-                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                    bench.settle();
-                    let before = world.audit_records().len();
-                    let run = bench.h2load(p, r, &args, "fixed");
-                    if i == 0 {
-                        direct_p99 = run.p99_us;
+                // Per path: every round's run, and the enforcer's own latency of every request.
+                let mut runs: Vec<Vec<Run>> = paths.iter().map(|_| Vec::new()).collect();
+                let mut inside: Vec<Vec<f64>> = paths.iter().map(|_| Vec::new()).collect();
+                for _ in 0..rounds {
+                    for (i, p) in paths.iter().enumerate() {
+                        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+                        args.extend([
+                            "-c".into(),
+                            FIXED_CLIENTS.to_string(),
+                            "-m".into(),
+                            "1".into(),
+                            format!("--rps={FIXED_RPS_PER_CLIENT}"),
+                            "-D".into(),
+                            seconds.to_string(),
+                        ]);
+                        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                        bench.settle();
+                        let before = world.audit_records().len();
+                        runs[i].push(bench.h2load(p, r, &args, "fixed"));
+                        // The enforcer's own measure of each request (head in → response head
+                        // out, upstream included), from its audit records: what the workload
+                        // waits beyond it is the network path and TLS.
+                        std::thread::sleep(std::time::Duration::from_millis(300));
+                        inside[i].extend(
+                            world.audit_records()[before..]
+                                .iter()
+                                .filter_map(|rec| rec["latency_us"].as_f64()),
+                        );
                     }
-                    // The enforcer's own measure of each request (head in → response head out,
-                    // upstream included), from its audit records: what the workload waits beyond it
-                    // is the network path and TLS.
-                    std::thread::sleep(std::time::Duration::from_millis(300));
-                    let mut inside: Vec<f64> = world.audit_records()[before..]
+                }
+                for (i, p) in paths.iter().enumerate() {
+                    let of = |f: fn(&Run) -> f64| {
+                        let mut v: Vec<f64> = runs[i].iter().map(f).collect();
+                        median(&mut v)
+                    };
+                    let mut added: Vec<f64> = runs[i]
                         .iter()
-                        .filter_map(|rec| rec["latency_us"].as_f64())
+                        .zip(&runs[0])
+                        .map(|(run, direct)| (run.p99_us - direct.p99_us) / 1000.0)
                         .collect();
-                    let inside = if inside.is_empty() {
+                    let per_round: Vec<String> = added.iter().map(|a| format!("{a:+.2}")).collect();
+                    let inside = if inside[i].is_empty() {
                         "–".to_owned()
                     } else {
                         format!(
                             "{:.2} / {:.2}",
-                            percentile(&mut inside, 0.5) / 1000.0,
-                            percentile(&mut inside, 0.99) / 1000.0
+                            percentile(&mut inside[i], 0.5) / 1000.0,
+                            percentile(&mut inside[i], 0.99) / 1000.0
                         )
                     };
                     println!(
-                        "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {:+.2} | {inside} |",
+                        "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {:+.2} ({}) | {inside} |",
                         p.label,
                         r.label,
-                        run.rps,
-                        run.p50_us / 1000.0,
-                        run.p99_us / 1000.0,
-                        run.errors,
-                        (run.p99_us - direct_p99) / 1000.0
+                        of(|run| run.rps),
+                        of(|run| run.p50_us) / 1000.0,
+                        of(|run| run.p99_us) / 1000.0,
+                        runs[i].iter().map(|run| run.errors).sum::<u64>(),
+                        median(&mut added),
+                        per_round.join(", ")
                     );
                 }
             }
@@ -414,6 +435,15 @@ fn main() {
     }
 }
 
+/// `AEGIS_BENCH_ROUNDS`: how many times the fixed-rate and the budget runs alternate (3).
+fn bench_rounds() -> usize {
+    std::env::var("AEGIS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(3)
+}
+
 /// Enforcer throughput with budgets and rate limits on (embedded store, then Redis) against the
 /// same enforcer process with them off (identity `bench`), in one run: `bench-limited`'s every
 /// request is rate-limited and charged (one redb transaction, or two Redis scripts).
@@ -421,10 +451,7 @@ fn state_section(world: &mut World, dir: &Path, seconds: u32, files: (&str, &str
     println!(
         "## Budgets and rate limits on vs off (GET /bench; \"on\": every request rate-limited and charged)\n"
     );
-    let rounds: usize = std::env::var("AEGIS_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let rounds = bench_rounds();
     println!(
         "{rounds} alternating runs of each; medians (requests/s of every run in parentheses)\n"
     );
