@@ -23,8 +23,8 @@
 //! rate: `h2load --rps` (10 connections × 100 requests/s = 1,000 requests/s), over HTTP/1.1
 //! (`--h1`) and HTTP/2, percentiles from the per-request log; the three paths alternate for
 //! `AEGIS_BENCH_ROUNDS` rounds (3) and each row gives medians, the added p99 paired with the
-//! same round's direct run (one run each was too noisy on a two-core VM). CPU: user+system time of the
-//! enforcer (the agent process) and of the nginx proxy's processes during each run. Before each
+//! same round's direct run (one run each was too noisy on a two-core VM). CPU: user+system time
+//! of the enforcer (the agent process) and of the nginx proxy's processes during each run. Before each
 //! measured run the agent must be idle (its log and audit backlog written), so runs do not
 //! bleed into each other.
 //!
@@ -318,6 +318,17 @@ fn main() {
         let rate = FIXED_CLIENTS * FIXED_RPS_PER_CLIENT;
         let rounds = bench_rounds();
         for (proto, extra) in [("HTTP/1.1", &["--h1"][..]), ("HTTP/2", &[][..])] {
+            let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            args.extend([
+                "-c".into(),
+                FIXED_CLIENTS.to_string(),
+                "-m".into(),
+                "1".into(),
+                format!("--rps={FIXED_RPS_PER_CLIENT}"),
+                "-D".into(),
+                seconds.to_string(),
+            ]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             println!(
                 "## {proto} at a fixed rate: {rate} requests/s ({FIXED_CLIENTS} connections × {FIXED_RPS_PER_CLIENT}/s, h2load --rps), {rounds} alternating rounds of {seconds} s\n"
             );
@@ -331,17 +342,6 @@ fn main() {
                 let mut inside: Vec<Vec<f64>> = paths.iter().map(|_| Vec::new()).collect();
                 for _ in 0..rounds {
                     for (i, p) in paths.iter().enumerate() {
-                        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-                        args.extend([
-                            "-c".into(),
-                            FIXED_CLIENTS.to_string(),
-                            "-m".into(),
-                            "1".into(),
-                            format!("--rps={FIXED_RPS_PER_CLIENT}"),
-                            "-D".into(),
-                            seconds.to_string(),
-                        ]);
-                        let args: Vec<&str> = args.iter().map(String::as_str).collect();
                         bench.settle();
                         let before = world.audit_records().len();
                         runs[i].push(bench.h2load(p, r, &args, "fixed"));

@@ -41,9 +41,11 @@ impl RateLimits {
                     if map.len() >= MAX_LIMITERS {
                         map.clear();
                     }
-                    // `interval` is at least 1 µs by construction, so `with_period` has a quota.
-                    let quota = Quota::with_period(limit.interval)
-                        .expect("a non-zero interval")
+                    // At least 1 µs, as the Redis store's: `with_period` has a quota then, even
+                    // for a `RateLimit` built by hand with a zero interval.
+                    let period = limit.interval.max(Duration::from_micros(1));
+                    let quota = Quota::with_period(period)
+                        .expect("a non-zero period")
                         .allow_burst(limit.burst);
                     let limiter = Arc::new(RateLimiter::direct(quota));
                     map.insert(key.to_owned(), (limit, limiter.clone()));
