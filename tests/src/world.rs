@@ -2170,7 +2170,8 @@ fn rand_serial(name: &str) -> u64 {
     h.finish() >> 1
 }
 
-/// The servers process: HTTP (any GET → 200 "hello from <name>") and UDP echo, on the
+/// The servers process: HTTP (any GET → 200 "hello from <name>", but `/barrier/<key>/<n>`:
+/// 200 once n requests for the key are in at once, 504 if not within 5 s) and UDP echo, on the
 /// addresses in the JSON config given as argv[1]; touches the config's `ready` path once every
 /// socket is bound.
 const SERVERS_PY: &str = r#"
@@ -2179,11 +2180,33 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 cfg = json.load(open(sys.argv[1]))
 
+barriers = {}
+barriers_lock = threading.Lock()
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     def do_GET(self):
+        if self.path.startswith("/barrier/"):
+            return self.barrier()
         body = ("hello from %s\n" % self.server.aegis_name).encode()
         self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def barrier(self):
+        # GET /barrier/<key>/<n>: 200 once n requests for <key> are in at the same time, 504 if
+        # they are not within 5 s; so a client sees whether its requests reached the server
+        # concurrently.
+        _, _, key, n = self.path.split("/")
+        with barriers_lock:
+            barrier = barriers.setdefault(key, threading.Barrier(int(n), timeout=5))
+        try:
+            barrier.wait()
+            status, body = 200, b"all in\n"
+        except threading.BrokenBarrierError:
+            status, body = 504, b"not all in\n"
+        self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

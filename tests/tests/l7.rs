@@ -340,6 +340,53 @@ fn http2_works_through_the_enforcer() {
 }
 
 #[test]
+fn http2_streams_of_one_connection_reach_the_upstream_concurrently() {
+    // Four streams multiplexed on one HTTP/2 connection to the enforcer; the upstream answers
+    // none of them until all four are in at once (504 otherwise). The enforcer re-originates
+    // each stream on an HTTP/1.1 connection of its own from the workload connection's pool.
+    let w = world();
+    let url = "https://api.stripe.com/barrier/h2/4";
+    let mut args = vec![
+        "--http2",
+        "--parallel",
+        "--parallel-max",
+        "4",
+        "-w",
+        "%{http_version} %{response_code} %{num_connects}\n",
+    ];
+    for _ in 0..4 {
+        args.extend(["-o", "/dev/null", url]);
+    }
+    let (code, out, err) = curl(&w, FINANCE, &args);
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for line in &lines {
+        assert_eq!(line[..2], ["2", "200"], "{out}\n{}", w.diagnostics());
+    }
+    let connects: u32 = lines.iter().map(|l| l[2].parse::<u32>().unwrap()).sum();
+    assert_eq!(
+        connects, 1,
+        "curl multiplexed the four on one connection: {out}"
+    );
+    // Each stream is decided and audited on its own.
+    let audited = || {
+        w.audit_records()
+            .iter()
+            .filter(|r| {
+                r["kind"] == "l7_decision" && r["path"] == "/barrier/h2/4" && r["status"] == 200
+            })
+            .count()
+    };
+    assert!(
+        aegis_tests::world::wait_until(Duration::from_secs(5), || audited() == 4),
+        "{} audit records of the four streams\n{}",
+        audited(),
+        w.diagnostics()
+    );
+}
+
+#[test]
 fn a_body_over_the_limit_is_refused_without_reading_it_whole() {
     let w = world();
     let big = w.dir().join("big.json");

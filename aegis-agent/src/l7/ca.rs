@@ -164,7 +164,7 @@ impl NodeCa {
         Ok(certified)
     }
 
-    fn issuer_der(&self) -> Vec<u8> {
+    pub(crate) fn issuer_der(&self) -> Vec<u8> {
         rustls::pki_types::pem::PemObject::from_pem_slice(self.cert_pem.as_bytes())
             .map(|c: CertificateDer<'static>| c.to_vec())
             .unwrap_or_default()

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod decide;
 pub mod limits;
 pub mod proxy;
+mod upstream;
 pub mod usage;
 
 use crate::identity::Identity;

@@ -22,11 +22,11 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited, combinators::BoxBody};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::{ServerConfig, pki_types::ServerName};
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
-use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa, usage};
+use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa, upstream, usage};
 use crate::{
     approval::{self, Approval, Approvals, NewApproval, OverrideError, Redeemed},
     audit::AuditLog,
@@ -43,8 +43,12 @@ use crate::{
 
 /// Time allowed for the client's TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed to reach the upstream and finish its TLS handshake.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most upstream connections one workload connection has open at once: an HTTP/1.x workload
+/// uses one (it sends a request at a time), an HTTP/2 workload one per stream in flight, up to
+/// this; its further streams wait for one to come free. (nginx opens one per request in flight
+/// without a bound; 16 covers the HTTP/2 clients we know of, which rarely keep more streams
+/// open to one API.)
+const UPSTREAM_CONNS_PER_CONN: usize = 16;
 
 /// Most bytes of an unread request body read and dropped before an early refusal
 /// ([`refuse_unread`]).
@@ -52,7 +56,8 @@ const DISCARD_MAX: usize = 64 * 1024;
 /// Longest wait for the rest of an unread request body before an early refusal.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(1);
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// The body type of every request and response the enforcer passes on.
+pub(super) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Settings of the L7 enforcer.
 #[derive(Clone, Debug)]
@@ -78,12 +83,9 @@ pub struct L7Proxy {
 struct Shared {
     settings: Settings,
     ca: NodeCa,
-    /// TLS to upstreams for HTTP/2 workload connections (ALPN `h2`, `http/1.1`).
-    upstream_tls_h2: TlsConnector,
-    /// TLS to upstreams for HTTP/1.x workload connections (ALPN `http/1.1` only: the exchange
-    /// is one request at a time either way, and HTTP/1.1 costs the enforcer less CPU per
-    /// request than HTTP/2's framing, flow control and stream tasks).
-    upstream_tls_h1: TlsConnector,
+    /// TLS to upstreams (ALPN `http/1.1` only: every request is re-originated over HTTP/1.1,
+    /// see [`upstream`]).
+    upstream_tls: TlsConnector,
     enforcer: Arc<Mutex<Enforcer>>,
     policies: Arc<ArcSwap<PolicySet>>,
     decider: Arc<dyn Decider>,
@@ -192,12 +194,7 @@ struct Conn {
     /// The record fields every request of the connection repeats (identity, SNI, addresses),
     /// formatted once.
     record: L7Record,
-    upstream: tokio::sync::Mutex<Option<Upstream>>,
-}
-
-enum Upstream {
-    H1(hyper::client::conn::http1::SendRequest<Body>),
-    H2(hyper::client::conn::http2::SendRequest<Body>),
+    upstream: upstream::Pool,
 }
 
 // === impl L7Proxy ===
@@ -236,8 +233,7 @@ impl L7Proxy {
             shared: Arc::new(Shared {
                 settings,
                 ca,
-                upstream_tls_h2: client(&[b"h2", b"http/1.1"]),
-                upstream_tls_h1: client(&[b"http/1.1"]),
+                upstream_tls: client(&[b"http/1.1"]),
                 enforcer,
                 policies,
                 decider,
@@ -381,10 +377,15 @@ async fn serve_conn(
     let conn = Arc::new(Conn {
         identity: identity.clone(),
         key: identity.to_string(),
+        upstream: upstream::Pool::new(
+            shared.upstream_tls.clone(),
+            sni.clone(),
+            origin_addr,
+            UPSTREAM_CONNS_PER_CONN,
+        ),
         sni,
         origin: origin_addr,
         record,
-        upstream: tokio::sync::Mutex::new(None),
     });
     let draining = shared.settings.listeners.draining();
     let shared = shared.clone();
@@ -692,7 +693,7 @@ async fn decide_and_forward(
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    match forward(shared, conn, upstream_req).await {
+    match forward(conn, upstream_req).await {
         Ok(resp) => match priced.llm {
             Some(prices) => (meter(shared, conn, record, resp, prices, charged), None),
             None => (resp, None),
@@ -973,14 +974,9 @@ async fn approve(
     Ok(Approved::Wait(Box::new(approval)))
 }
 
-/// Sends the request on the connection's upstream, opening it (TCP + TLS + HTTP handshake) on
-/// first use; the upstream protocol follows its ALPN answer to what the workload spoke (HTTP/2
-/// workloads offer `h2` and `http/1.1`, HTTP/1.x workloads `http/1.1` only).
-async fn forward(
-    shared: &Shared,
-    conn: &Conn,
-    req: Request<Body>,
-) -> Result<Response<Body>, Refusal> {
+/// Sends the request upstream on the connection's pool (HTTP/1.1, whatever the workload
+/// spoke) and returns the response in the workload's HTTP version.
+async fn forward(conn: &Conn, mut req: Request<Body>) -> Result<Response<Body>, Refusal> {
     let upstream_err = |message: String| Refusal::Upstream {
         upstream: format!("{} ({})", conn.sni, conn.origin),
         message,
@@ -988,81 +984,41 @@ async fn forward(
     // The response goes back in the workload's HTTP version, whatever the upstream spoke (an
     // HTTP/1.0 upstream must not make the workload's keep-alive connection close).
     let client_version = req.version();
-    let mut slot = conn.upstream.lock().await;
-    let closed = match slot.as_ref() {
-        None => true,
-        Some(Upstream::H1(s)) => s.is_closed(),
-        Some(Upstream::H2(s)) => s.is_closed(),
-    };
-    if closed {
-        let name =
-            ServerName::try_from(conn.sni.clone()).map_err(|e| upstream_err(e.to_string()))?;
-        let open = async {
-            let tcp = TcpStream::connect(conn.origin).await?;
-            tcp.set_nodelay(true)?;
-            let connector = if client_version == http::Version::HTTP_2 {
-                &shared.upstream_tls_h2
-            } else {
-                &shared.upstream_tls_h1
-            };
-            connector.connect(name, tcp).await
-        };
-        let tls = tokio::time::timeout(UPSTREAM_TIMEOUT, open)
-            .await
-            .map_err(|_| upstream_err("timed out".into()))?
-            .map_err(|e| upstream_err(e.to_string()))?;
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = TokioIo::new(tls);
-        *slot = Some(if h2 {
-            let (sender, connection) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| upstream_err(e.to_string()))?;
-            tokio::spawn(connection);
-            Upstream::H2(sender)
-        } else {
-            let (sender, connection) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| upstream_err(e.to_string()))?;
-            tokio::spawn(connection);
-            Upstream::H1(sender)
-        });
+    if client_version == http::Version::HTTP_2 {
+        join_cookies(req.headers_mut());
     }
-    let response = match slot.as_mut().expect("set above") {
-        Upstream::H1(sender) => {
-            // HTTP/1.1 carries one request at a time: hold the connection until the response
-            // head is in.
-            sender
-                .ready()
-                .await
-                .map_err(|e| upstream_err(e.to_string()))?;
-            let mut req = req;
-            // HTTP/1.1 needs a Host header; HTTP/2 requests carry :authority instead.
-            *req.version_mut() = http::Version::HTTP_11;
-            let host = HeaderValue::from_str(&conn.sni).map_err(|e| upstream_err(e.to_string()))?;
-            req.headers_mut().insert(header::HOST, host);
-            *req.uri_mut() = path_only(req.uri());
-            let response = sender.send_request(req).await;
-            drop(slot);
-            response
-        }
-        Upstream::H2(sender) => {
-            // HTTP/2 multiplexes: release the connection so the workload's other streams go
-            // upstream concurrently.
-            let mut sender = sender.clone();
-            drop(slot);
-            let mut req = req;
-            *req.version_mut() = http::Version::HTTP_2;
-            req.headers_mut().remove(header::HOST);
-            *req.uri_mut() = absolute(&conn.sni, req.uri()).map_err(upstream_err)?;
-            sender.send_request(req).await
-        }
-    }
-    .map_err(|e| upstream_err(e.to_string()))?;
+    *req.version_mut() = http::Version::HTTP_11;
+    // HTTP/1.1 needs a Host header (an HTTP/2 request carries :authority instead), and the
+    // request target in origin form.
+    let host = HeaderValue::from_str(&conn.sni).map_err(|e| upstream_err(e.to_string()))?;
+    req.headers_mut().insert(header::HOST, host);
+    *req.uri_mut() = path_only(req.uri());
+    let response = conn
+        .upstream
+        .send(req)
+        .await
+        .map_err(|e| upstream_err(e.to_string()))?;
     let (mut parts, body) = response.into_parts();
     parts.version = client_version;
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, body.boxed()))
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Joins the `cookie` fields of an HTTP/2 request into one, as RFC 9113 section 8.2.3 asks
+/// before it is passed to an HTTP/1.1 connection (RFC 6265 section 5.4: one `Cookie` header).
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let values = headers.get_all(header::COOKIE);
+    if values.iter().nth(1).is_none() {
+        return;
+    }
+    let joined = values
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 fn path_only(uri: &http::Uri) -> http::Uri {
@@ -1074,13 +1030,6 @@ fn path_only(uri: &http::Uri) -> http::Uri {
                 .unwrap_or_else(|_| http::Uri::from_static("/"))
         },
     )
-}
-
-fn absolute(host: &str, uri: &http::Uri) -> Result<http::Uri, String> {
-    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    format!("https://{host}{pq}")
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| e.to_string())
 }
 
 /// The hop-by-hop headers of RFC 9110 section 7.6.1 (and the obsolete `keep-alive` and
@@ -1273,5 +1222,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["accept", "host"]);
         assert_eq!(h.get_all("accept").iter().count(), 2);
+    }
+
+    #[test]
+    fn http2_cookie_fields_are_joined_for_http1() {
+        let mut h = headers(&[("cookie", "a=1"), ("accept", "x"), ("cookie", "b=2; c=3")]);
+        join_cookies(&mut h);
+        let cookies: Vec<_> = h.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        assert_eq!(h.get("accept").unwrap(), "x");
+
+        let mut h = headers(&[("cookie", "a=1")]);
+        join_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1"]);
     }
 }
