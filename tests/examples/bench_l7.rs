@@ -40,7 +40,9 @@
 //! default 10), `AEGIS_BENCH_ONLY=saturation|fixed|decision|state` (only that section),
 //! `AEGIS_BENCH_PERF=DIR` (`perf record -g` of the agent during each saturation run through the
 //! enforcer, into `DIR/<tool>-<agent>-<path>.data`; build the agent with frame pointers for useful
-//! call graphs).
+//! call graphs), `AEGIS_BENCH_SYSCALLS=1` (`perf stat` counts the system calls and context
+//! switches of the enforcer or the nginx proxy during each saturation run; printed per request
+//! on stderr).
 use std::{
     fs,
     net::Ipv4Addr,
@@ -667,6 +669,7 @@ impl Bench<'_> {
     fn saturate(&self, tool: Tool, p: &Route, r: &Req) -> Run {
         self.settle();
         let cpu0 = p.cpu.map(|(ns, comm)| ns_cpu_seconds(ns, comm));
+        let counter = p.cpu.and_then(|(ns, comm)| count_syscalls(ns, comm));
         let _perf = p.agent.and_then(|(agent, _)| {
             self.profile(&format!(
                 "{}-{agent}-{}",
@@ -696,6 +699,16 @@ impl Bench<'_> {
             let used = ns_cpu_seconds(ns, comm) - c0;
             let requests = run.rps * f64::from(self.seconds);
             run.cpu_us_per_req = Some(used * 1e6 / requests.max(1.0));
+            if let Some((syscalls, switches)) = counter.and_then(SyscallCounter::finish) {
+                eprintln!(
+                    "bench: {} {} {}: {:.1} system calls, {:.2} context switches per request ({comm})",
+                    tool.name(),
+                    p.label,
+                    r.label,
+                    syscalls / requests.max(1.0),
+                    switches / requests.max(1.0),
+                );
+            }
         }
         run
     }
@@ -847,7 +860,6 @@ fn ok(out: &std::process::Output) {
     assert!(out.status.success(), "{}", describe(out));
 }
 
-/// User + system CPU seconds of the processes named `comm` in network namespace `ns`.
 /// A running `perf record`; dropping it stops the recording (SIGINT, so perf writes its file).
 struct Profiler(std::process::Child);
 
@@ -859,18 +871,77 @@ impl Drop for Profiler {
     }
 }
 
-fn ns_cpu_seconds(ns: &str, comm: &str) -> f64 {
+/// `AEGIS_BENCH_SYSCALLS=1`: a running `perf stat` counting the system calls and context
+/// switches of the processes named `comm` in network namespace `ns`.
+struct SyscallCounter {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+fn count_syscalls(ns: &str, comm: &str) -> Option<SyscallCounter> {
+    std::env::var_os("AEGIS_BENCH_SYSCALLS")?;
+    let pids = ns_pids(ns, comm).join(",");
+    let out = std::env::temp_dir().join(format!("aegis-bench-syscalls-{}", std::process::id()));
+    let child = std::process::Command::new("perf")
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches",
+            "-p",
+            &pids,
+            "-o",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("bench: perf stat: {e}"))
+        .ok()?;
+    Some(SyscallCounter { child, out })
+}
+
+impl SyscallCounter {
+    /// Stops counting: (system calls, context switches).
+    fn finish(mut self) -> Option<(f64, f64)> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let _ = self.child.wait();
+        let text = fs::read_to_string(&self.out).ok()?;
+        let _ = fs::remove_file(&self.out);
+        let count = |event: &str| {
+            text.lines()
+                .find(|l| l.contains(event))?
+                .split(',')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        };
+        Some((count("raw_syscalls:sys_enter")?, count("context-switches")?))
+    }
+}
+
+/// The pids of the processes named `comm` in network namespace `ns`.
+fn ns_pids(ns: &str, comm: &str) -> Vec<String> {
     let out = std::process::Command::new("ip")
         .args(["netns", "pids", ns])
         .output()
         .expect("ip netns pids");
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .filter(|pid| {
             fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
         })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// User + system CPU seconds of the processes named `comm` in network namespace `ns`.
+fn ns_cpu_seconds(ns: &str, comm: &str) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ns_pids(ns, comm)
+        .iter()
         .filter_map(|pid| {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let rest = &stat[stat.rfind(')')? + 1..];
