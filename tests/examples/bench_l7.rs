@@ -641,29 +641,17 @@ impl Bench<'_> {
 
     /// `AEGIS_BENCH_PERF=DIR`: samples the agent process with `perf record` (call graphs) while
     /// the run lasts, into `DIR/NAME.data`; the recorder stops when the guard drops.
-    fn profile(&self, name: &str) -> Option<Profiler> {
+    fn profile(&self, name: &str) -> Option<Perf> {
         let dir = std::env::var_os("AEGIS_BENCH_PERF")?;
         let pid = self.world.agent_pid()?;
         fs::create_dir_all(&dir).expect("create AEGIS_BENCH_PERF directory");
         let out = Path::new(&dir).join(format!("{name}.data"));
-        let child = std::process::Command::new("perf")
-            .args([
-                "record",
-                "-q",
-                "-F",
-                "1999",
-                "-g",
-                "-p",
-                &pid.to_string(),
-                "-o",
-            ])
-            .arg(&out)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| eprintln!("bench: perf record: {e}"))
-            .ok()?;
+        let run = perf(
+            &["record", "-q", "-F", "1999", "-g", "-p", &pid.to_string()],
+            &out,
+        )?;
         eprintln!("bench: profiling the agent into {}", out.display());
-        Some(Profiler(child))
+        Some(run)
     }
 
     fn saturate(&self, tool: Tool, p: &Route, r: &Req) -> Run {
@@ -860,10 +848,23 @@ fn ok(out: &std::process::Output) {
     assert!(out.status.success(), "{}", describe(out));
 }
 
-/// A running `perf record`; dropping it stops the recording (SIGINT, so perf writes its file).
-struct Profiler(std::process::Child);
+/// A running `perf`; dropping it stops it (SIGINT, so perf writes its file).
+struct Perf(std::process::Child);
 
-impl Drop for Profiler {
+/// Starts `perf ARGS -o OUT`; `None` (and a line on stderr) when it cannot start.
+fn perf(args: &[&str], out: &Path) -> Option<Perf> {
+    let child = std::process::Command::new("perf")
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("bench: perf {}: {e}", args[0]))
+        .ok()?;
+    Some(Perf(child))
+}
+
+impl Drop for Perf {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGINT) };
@@ -874,7 +875,7 @@ impl Drop for Profiler {
 /// `AEGIS_BENCH_SYSCALLS=1`: a running `perf stat` counting the system calls and context
 /// switches of the processes named `comm` in network namespace `ns`.
 struct SyscallCounter {
-    child: std::process::Child,
+    run: Perf,
     out: PathBuf,
 }
 
@@ -882,31 +883,15 @@ fn count_syscalls(ns: &str, comm: &str) -> Option<SyscallCounter> {
     std::env::var_os("AEGIS_BENCH_SYSCALLS")?;
     let pids = ns_pids(ns, comm).join(",");
     let out = std::env::temp_dir().join(format!("aegis-bench-syscalls-{}", std::process::id()));
-    let child = std::process::Command::new("perf")
-        .args([
-            "stat",
-            "-x",
-            ",",
-            "-e",
-            "raw_syscalls:sys_enter,context-switches",
-            "-p",
-            &pids,
-            "-o",
-        ])
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| eprintln!("bench: perf stat: {e}"))
-        .ok()?;
-    Some(SyscallCounter { child, out })
+    let events = "raw_syscalls:sys_enter,context-switches";
+    let run = perf(&["stat", "-x", ",", "-e", events, "-p", &pids], &out)?;
+    Some(SyscallCounter { run, out })
 }
 
 impl SyscallCounter {
     /// Stops counting: (system calls, context switches).
-    fn finish(mut self) -> Option<(f64, f64)> {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
-        let _ = self.child.wait();
+    fn finish(self) -> Option<(f64, f64)> {
+        drop(self.run);
         let text = fs::read_to_string(&self.out).ok()?;
         let _ = fs::remove_file(&self.out);
         let count = |event: &str| {

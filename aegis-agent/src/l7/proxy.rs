@@ -45,9 +45,9 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most upstream connections one workload connection has open at once: an HTTP/1.x workload
 /// uses one (it sends a request at a time), an HTTP/2 workload one per stream in flight, up to
-/// this; its further streams wait for one to come free. (nginx opens one per request in flight
-/// without a bound; 16 covers the HTTP/2 clients we know of, which rarely keep more streams
-/// open to one API.)
+/// this; its further streams wait for one to come free. nginx opens one per request in flight
+/// without a bound; this bound keeps one workload connection from making the node open
+/// hundreds (hyper's server allows 200 concurrent streams).
 const UPSTREAM_CONNS_PER_CONN: usize = 16;
 
 /// Most bytes of an unread request body read and dropped before an early refusal

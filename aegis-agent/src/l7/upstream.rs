@@ -41,7 +41,7 @@ use tokio_rustls::TlsConnector;
 
 use super::proxy::Body;
 
-/// Time allowed to reach the upstream and finish its TLS and HTTP handshakes.
+/// Time allowed to reach the upstream and finish the TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request could not be sent upstream or its response head not received.
