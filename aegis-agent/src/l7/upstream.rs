@@ -101,25 +101,31 @@ impl Pool {
             .acquire_owned()
             .await
             .expect("the pool's semaphore is never closed");
-        let reused = self.take_idle().await;
-        let (sender, response) = match reused {
+        let req = match self.take_idle().await {
             Some(mut sender) => match sender.try_send_request(req).await {
-                Ok(response) => (sender, response),
+                Ok(response) => return Ok(self.leased(response, sender, permit)),
                 Err(mut e) => match e.take_message() {
-                    Some(req) => {
-                        let mut sender = self.open().await?;
-                        let response = sender.send_request(req).await;
-                        (sender, response.map_err(UpstreamError::Exchange)?)
-                    }
+                    Some(unsent) => unsent,
                     None => return Err(UpstreamError::Exchange(e.into_error())),
                 },
             },
-            None => {
-                let mut sender = self.open().await?;
-                let response = sender.send_request(req).await;
-                (sender, response.map_err(UpstreamError::Exchange)?)
-            }
+            None => req,
         };
+        let mut sender = self.open().await?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Exchange)?;
+        Ok(self.leased(response, sender, permit))
+    }
+
+    /// `response` with a body that holds `sender` and its slot until it is dropped.
+    fn leased(
+        &self,
+        response: Response<Incoming>,
+        sender: SendRequest<Body>,
+        permit: OwnedSemaphorePermit,
+    ) -> Response<Body> {
         let (parts, body) = response.into_parts();
         let leased = Leased {
             body,
@@ -130,7 +136,7 @@ impl Pool {
                 idle: self.idle.clone(),
             }),
         };
-        Ok(Response::from_parts(parts, leased.boxed()))
+        Response::from_parts(parts, leased.boxed())
     }
 
     /// An idle connection that is ready for a request, dropping those the upstream closed.
