@@ -38,9 +38,9 @@
 //!
 //! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_BENCH_SECONDS` (length of each run,
 //! default 10), `AEGIS_BENCH_ONLY=saturation|fixed|decision|state` (only that section),
-//! `AEGIS_BENCH_PERF=DIR` (`perf record -g` of the agent during each saturation run through the
-//! enforcer, into `DIR/<tool>-<agent>-<path>.data`; build the agent with frame pointers for useful
-//! call graphs), `AEGIS_BENCH_SYSCALLS=1` (`perf stat` counts the system calls and context
+//! `AEGIS_BENCH_PERF=DIR` (`perf record -g` of the enforcer or of the nginx proxy during each
+//! saturation run through it, into `DIR/<tool>-<aegis-agent|nginx>-<path>.data`; build the agent
+//! with frame pointers for useful call graphs), `AEGIS_BENCH_SYSCALLS=1` (`perf stat` counts the system calls and context
 //! switches of the enforcer or the nginx proxy during each saturation run; printed per request
 //! on stderr).
 use std::{
@@ -639,18 +639,16 @@ impl Bench<'_> {
         eprintln!("bench: the agent did not settle within 60 s");
     }
 
-    /// `AEGIS_BENCH_PERF=DIR`: samples the agent process with `perf record` (call graphs) while
-    /// the run lasts, into `DIR/NAME.data`; the recorder stops when the guard drops.
-    fn profile(&self, name: &str) -> Option<Perf> {
+    /// `AEGIS_BENCH_PERF=DIR`: samples the proxy's processes (`comm` in network namespace `ns`:
+    /// the agent, or the nginx proxy's workers) with `perf record` (call graphs) while the run
+    /// lasts, into `DIR/NAME.data`; the recorder stops when the guard drops.
+    fn profile(&self, (ns, comm): (&str, &str), name: &str) -> Option<Perf> {
         let dir = std::env::var_os("AEGIS_BENCH_PERF")?;
-        let pid = self.world.agent_pid()?;
+        let pids = ns_pids(ns, comm).join(",");
         fs::create_dir_all(&dir).expect("create AEGIS_BENCH_PERF directory");
         let out = Path::new(&dir).join(format!("{name}.data"));
-        let run = perf(
-            &["record", "-q", "-F", "1999", "-g", "-p", &pid.to_string()],
-            &out,
-        )?;
-        eprintln!("bench: profiling the agent into {}", out.display());
+        let run = perf(&["record", "-q", "-F", "1999", "-g", "-p", &pids], &out)?;
+        eprintln!("bench: profiling {comm} into {}", out.display());
         Some(run)
     }
 
@@ -658,12 +656,9 @@ impl Bench<'_> {
         self.settle();
         let cpu0 = p.cpu.map(|(ns, comm)| ns_cpu_seconds(ns, comm));
         let counter = p.cpu.and_then(|(ns, comm)| count_syscalls(ns, comm));
-        let _perf = p.agent.and_then(|(agent, _)| {
-            self.profile(&format!(
-                "{}-{agent}-{}",
-                tool.name(),
-                r.path.replace('/', "_")
-            ))
+        let _perf = p.cpu.and_then(|cpu| {
+            let name = format!("{}-{}-{}", tool.name(), cpu.1, r.path.replace('/', "_"));
+            self.profile(cpu, &name)
         });
         let mut run = match tool {
             Tool::Wrk => self.wrk(p, r),
