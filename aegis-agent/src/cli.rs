@@ -218,6 +218,14 @@ pub struct RunArgs {
     /// (`<path>.pub`) if absent.
     #[arg(long, default_value = "/var/lib/aegis/audit.key")]
     pub audit_key: PathBuf,
+    /// Audit records queued for the writer at most (records; the disk's slack).
+    #[arg(long, default_value_t = crate::audit::DEFAULT_QUEUE, value_parser = clap::value_parser!(usize))]
+    pub audit_queue: usize,
+    /// What an L7 call gets when its audit record finds the queue full (the disk stalls):
+    /// `closed` refuses it (503 `audit_unavailable`), `open` lets it through unrecorded and counts
+    /// the dropped record.
+    #[arg(long, value_enum, default_value_t = crate::audit::OnFull::Closed)]
+    pub audit_full: crate::audit::OnFull,
     /// Saved kill switch state (`aegis-agent kill-switch`); read at start.
     #[arg(long, default_value = "/var/lib/aegis/kill-switch.json")]
     pub kill_switch_file: PathBuf,

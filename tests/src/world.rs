@@ -2171,7 +2171,8 @@ fn rand_serial(name: &str) -> u64 {
 }
 
 /// The servers process: HTTP (any GET → 200 "hello from <name>", but `/barrier/<key>/<n>`:
-/// 200 once n requests for the key are in at once, 504 if not within 5 s) and UDP echo, on the
+/// 200 once n requests for the key are in at once, 504 if not within 5 s; `/count/<key>`: 200
+/// with how many requests for the key this server has received, this one included) and UDP echo, on the
 /// addresses in the JSON config given as argv[1]; touches the config's `ready` path once every
 /// socket is bound.
 const SERVERS_PY: &str = r#"
@@ -2182,13 +2183,21 @@ cfg = json.load(open(sys.argv[1]))
 
 barriers = {}
 barriers_lock = threading.Lock()
+counts = {}
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     def do_GET(self):
         if self.path.startswith("/barrier/"):
             return self.barrier()
-        body = ("hello from %s\n" % self.server.aegis_name).encode()
+        if self.path.startswith("/count/"):
+            # GET /count/<key>: how many requests for <key> arrived, so a client sees whether
+            # a refused request reached the server.
+            with barriers_lock:
+                counts[self.path] = counts.get(self.path, 0) + 1
+                body = b"%d" % counts[self.path]
+        else:
+            body = ("hello from %s\n" % self.server.aegis_name).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))

@@ -10,7 +10,9 @@ use std::{
 
 mod common;
 
-use aegis_tests::world::{DnsRecord, HttpServer, NODE_UPLINK_V4, World, WorldBuilder, describe};
+use aegis_tests::world::{
+    DnsRecord, HttpServer, NODE_UPLINK_V4, World, WorldBuilder, describe, wait_until,
+};
 use serde_json::Value;
 
 const STRIPE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
@@ -1073,6 +1075,89 @@ fn redis_down_fails_closed_by_default_and_open_when_configured() {
         "the fail-open pass is logged\n{}",
         w.agent_log()
     );
+}
+
+/// A stalled audit log fills the audit queue (`--audit-queue 2`; the test holds the log's lock,
+/// as another writer of the file would): a call finding no room for its record is refused with
+/// 503 `audit_unavailable` and never reaches the upstream; once the writer resumes, every call
+/// that was forwarded has its record, and calls pass again. With `--audit-full open` the call
+/// passes unrecorded, and the agent said at start that it would.
+#[test]
+fn a_full_audit_queue_refuses_calls_before_they_reach_the_upstream() {
+    let w = world_with(|b| b.agent_arg("--audit-queue=2"));
+    let (status, body) = fill_audit_queue(&w, || count_call(&w));
+    assert_eq!(status, "503", "{body}\n{}", w.diagnostics());
+    assert_eq!(json(&body, &w)["reason"], "audit_unavailable", "{body}");
+    // The writer has resumed; the refused call never reached the upstream.
+    assert_eq!(count_call(&w), ("200".into(), "4".into()));
+    assert!(
+        wait_until(Duration::from_secs(10), || w
+            .agent_log()
+            .contains("audit records dropped")),
+        "the dropped refusal record is reported\n{}",
+        w.diagnostics()
+    );
+    drop(w);
+
+    let w = world_with(|b| {
+        b.agent_arg("--audit-queue=2")
+            .agent_arg("--audit-full=open")
+    });
+    assert!(
+        w.agent_log().contains("--audit-full open"),
+        "{}",
+        w.agent_log()
+    );
+    let (status, body) = fill_audit_queue(&w, || count_call(&w));
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("200", "4"),
+        "passed unrecorded"
+    );
+}
+
+/// `GET /count/audit` as finance-agent: (HTTP status, body).
+fn count_call(w: &World) -> (String, String) {
+    let (code, out, err) = curl(
+        w,
+        FINANCE,
+        &["-w", "\n%{http_code}", "https://api.stripe.com/count/audit"],
+    );
+    assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+    let (body, status) = out.rsplit_once('\n').expect("status line");
+    (status.to_owned(), body.to_owned())
+}
+
+/// Holds the audit log's lock while three calls fill a queue of 2 (the writer holds the first
+/// one's record), runs `then` on the full queue, releases the lock, waits until the three
+/// forwarded calls are recorded, and returns what `then` returned.
+fn fill_audit_queue<T>(w: &World, then: impl FnOnce() -> T) -> T {
+    use std::os::fd::AsRawFd as _;
+    let forwarded = |w: &World| {
+        w.audit_records()
+            .iter()
+            .filter(|r| r["path"] == "/count/audit" && r["decision"] == "allow")
+            .count()
+    };
+    let log = std::fs::File::open(w.audit_log()).expect("audit log");
+    // SAFETY: flock(2) on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(log.as_raw_fd(), libc::LOCK_EX) }, 0);
+    // The writer takes the first call's record, then waits for the lock: the next two fill
+    // the queue.
+    assert_eq!(count_call(w), ("200".into(), "1".into()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count_call(w), ("200".into(), "2".into()));
+    assert_eq!(count_call(w), ("200".into(), "3".into()));
+    let out = then();
+    assert_eq!(forwarded(w), 0, "nothing written while the lock is held");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::flock(log.as_raw_fd(), libc::LOCK_UN) }, 0);
+    assert!(
+        wait_until(Duration::from_secs(10), || forwarded(w) >= 3),
+        "the three forwarded calls' records: {:?}",
+        w.audit_records()
+    );
+    out
 }
 
 /// A webhook receiver for the node namespace: appends each POSTed body as a line to a file.

@@ -12,7 +12,12 @@ struct Fixture {
 fn fixture(token_ttl: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.jsonl");
-    let audit = AuditLog::open(&audit_path, AuditKey::generate()).unwrap();
+    let audit = AuditLog::open(
+        &audit_path,
+        AuditKey::generate(),
+        crate::audit::DEFAULT_QUEUE,
+    )
+    .unwrap();
     let keys = load_key(&dir.path().join("approval.key")).unwrap();
     let settings = Settings {
         ttl: Duration::from_secs(3600),
@@ -237,7 +242,12 @@ fn approvals_and_spent_tokens_survive_a_restart() {
     let key_path = dir.path().join("approval.key");
     let db = dir.path().join("approvals.redb");
     let open = || {
-        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), AuditKey::generate()).unwrap();
+        let audit = AuditLog::open(
+            &dir.path().join("audit.jsonl"),
+            AuditKey::generate(),
+            crate::audit::DEFAULT_QUEUE,
+        )
+        .unwrap();
         let settings = Settings {
             ttl: Duration::from_secs(3600),
             token_ttl: Duration::from_secs(60),

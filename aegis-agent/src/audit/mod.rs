@@ -16,8 +16,16 @@
 //! line. Several processes may append to one log (an upgrade runs the old and the new agent
 //! at once): each batch is written under an exclusive `flock(2)` of the file, and a writer
 //! whose file grew under another writer continues the chain from the file's last line first,
-//! so the file stays one chain. If the channel is full (the disk stalls), records are counted as dropped and a warning
-//! names how many: the decision itself is never delayed.
+//! so the file stays one chain.
+//!
+//! The queue holds at most `capacity` records ([`DEFAULT_QUEUE`], `--audit-queue`). A decision
+//! that must not take effect unrecorded first takes a [`Slot`] ([`AuditLog::reserve`]): room
+//! for its record, held until the record is queued, so that record is never dropped. When the
+//! writer falls behind (a stalled or full disk) and no slot is free, the caller refuses (the
+//! L7 enforcer answers 503 `audit_unavailable`, [`OnFull::Closed`]) or, when the operator chose
+//! it, lets the call through unrecorded ([`OnFull::Open`]). Records appended without a slot
+//! (kernel denials, which have already failed closed) are dropped when there is no room; drops
+//! are counted and a warning names how many. Appending never blocks.
 
 pub mod chain;
 
@@ -27,7 +35,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc::{self, SyncSender, TryRecvError, TrySendError},
     },
     thread,
@@ -44,8 +52,21 @@ pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 const GATHER_TICK: Duration = Duration::from_millis(5);
 /// Records written between two syncs at most.
 pub const BATCH_RECORDS: usize = 512;
-/// Records queued for the writer at most.
-const QUEUE: usize = 65_536;
+/// Records queued for the writer at most, by default (`--audit-queue`): 64 Ki records, about
+/// 0.7 s of a saturated enforcer (~90,000 decisions/s), and tens of MiB of memory at most.
+pub const DEFAULT_QUEUE: usize = 65_536;
+
+/// What becomes of a call whose audit record finds no room in the queue (the writer fell
+/// behind: a stalled or full disk). `--audit-full`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnFull {
+    /// Refuse the call (503 `audit_unavailable`) before anything is forwarded: no decision
+    /// takes effect without its record.
+    #[default]
+    Closed,
+    /// Let it through; its record is dropped and counted, and the writer warns how many.
+    Open,
+}
 
 /// Errors opening the audit log.
 #[derive(Debug, thiserror::Error)]
@@ -70,16 +91,58 @@ enum Msg {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: SyncSender<Msg>,
-    dropped: Arc<AtomicU64>,
+    room: Arc<Room>,
+}
+
+/// The queue's bookkeeping, shared by the handles, their slots and the writer.
+struct Room {
+    /// Messages queued or reserved and not yet taken by the writer; at most `capacity`, so a
+    /// reserved message always finds room in the channel (whose bound is `capacity`).
+    pending: AtomicUsize,
+    capacity: usize,
+    /// Records dropped for lack of room (or because the writer is gone).
+    dropped: AtomicU64,
+}
+
+impl Room {
+    fn take(self: &Arc<Room>) -> Option<Slot> {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot {
+            room: Arc::clone(self),
+            spent: false,
+        })
+    }
+}
+
+/// Room for one record in the audit queue ([`AuditLog::reserve`]); the record appended with it
+/// ([`AuditLog::append_in`]) is queued whatever else has been appended since. Dropped unspent,
+/// the room is given back.
+#[must_use = "a slot holds room in the audit queue until it is spent or dropped"]
+pub struct Slot {
+    room: Arc<Room>,
+    spent: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.spent {
+            self.room.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl AuditLog {
     /// Opens (creating) `path` for appending, continues the chain of its last line, and starts
-    /// the writer thread, which signs with `key`.
+    /// the writer thread, which signs with `key`; the queue has room for `capacity` records (at
+    /// least 1).
     ///
     /// # Errors
     /// The directory or file cannot be created, opened or read.
-    pub fn open(path: &Path, key: AuditKey) -> Result<AuditLog, AuditError> {
+    pub fn open(path: &Path, key: AuditKey, capacity: usize) -> Result<AuditLog, AuditError> {
+        let capacity = capacity.max(1);
         let err = |e: io::Error| AuditError {
             path: path.to_owned(),
             message: e.to_string(),
@@ -102,10 +165,14 @@ impl AuditLog {
         }
         out.flush().map_err(err)?;
         let end = out.get_ref().metadata().map_err(err)?.len();
-        let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::sync_channel::<Msg>(capacity);
+        let room = Arc::new(Room {
+            pending: AtomicUsize::new(0),
+            capacity,
+            dropped: AtomicU64::new(0),
+        });
         let path = path.to_owned();
-        let writer_dropped = dropped.clone();
+        let writer_room = room.clone();
         thread::Builder::new()
             .name("aegis-audit".into())
             .spawn(move || {
@@ -117,18 +184,45 @@ impl AuditLog {
                     batch: Vec::new(),
                     end,
                 };
-                writer.run(&rx, &writer_dropped);
+                writer.run(&rx, &writer_room);
             })
             .map_err(|e| AuditError {
                 path: PathBuf::from("audit writer thread"),
                 message: e.to_string(),
             })?;
-        Ok(AuditLog { tx, dropped })
+        Ok(AuditLog { tx, room })
     }
 
-    /// Queues one record (any struct serializing to a JSON object; its fields become the line's
-    /// fields next to `seq`, `ts` and `prev`, which it must not have).
+    /// Room for one record, or `None` when the queue is full (the writer fell behind).
+    pub fn reserve(&self) -> Option<Slot> {
+        self.room.take()
+    }
+
+    /// Records dropped so far for lack of room.
+    #[cfg(test)]
+    pub fn dropped(&self) -> u64 {
+        self.room.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Queues one record if there is room, else drops and counts it. See
+    /// [`AuditLog::append_in`] for the record's shape.
     pub fn append<T: Serialize>(&self, record: &T) {
+        match self.reserve() {
+            Some(slot) => self.append_in(slot, record),
+            None => {
+                self.room.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Queues one record in the room `slot` holds (any struct serializing to a JSON object; its
+    /// fields become the line's fields next to `seq`, `ts` and `prev`, which it must not have).
+    /// `slot` must come from this log.
+    pub fn append_in<T: Serialize>(&self, mut slot: Slot, record: &T) {
+        debug_assert!(
+            Arc::ptr_eq(&slot.room, &self.room),
+            "slot of another audit log"
+        );
         let body = match serde_json::to_string(record) {
             Ok(body) if body.starts_with('{') => body,
             Ok(other) => {
@@ -140,20 +234,29 @@ impl AuditLog {
                 return;
             }
         };
+        // Never `Full`: the slot's room is counted in `pending`, which bounds what the channel
+        // holds. `Disconnected`: the writer is gone.
         match self.tx.try_send(Msg::Record(SystemTime::now(), body)) {
-            Ok(()) => {}
+            Ok(()) => slot.spent = true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.room.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
     /// Blocks until every record appended before is signed and on disk (for decisions a human
     /// is told about: an approval, a kill switch). False when the writer did not confirm within
-    /// 2 s (the records stay queued).
+    /// 2 s (the records stay queued) or the queue is full.
     pub fn sync(&self) -> bool {
+        let Some(mut slot) = self.reserve() else {
+            return false;
+        };
         let (ack, done) = mpsc::channel();
-        self.tx.send(Msg::Sync(ack)).is_ok() && done.recv_timeout(SYNC_TIMEOUT).is_ok()
+        if self.tx.try_send(Msg::Sync(ack)).is_err() {
+            return false;
+        }
+        slot.spent = true;
+        done.recv_timeout(SYNC_TIMEOUT).is_ok()
     }
 }
 
@@ -175,19 +278,26 @@ impl Writer {
     /// rather than blocking on it: a sender then finds no sleeping receiver to wake, so
     /// appending costs the request path no futex wake-up and the writer one wake-up per tick,
     /// not one per record.
-    fn run(&mut self, rx: &mpsc::Receiver<Msg>, dropped: &AtomicU64) {
+    ///
+    /// Each message taken gives its room in the queue back: the batch being written holds up
+    /// to [`BATCH_RECORDS`] records beyond the queue's capacity.
+    fn run(&mut self, rx: &mpsc::Receiver<Msg>, room: &Room) {
         let mut reported_drops = 0u64;
+        let taken = |msg: Msg| {
+            room.pending.fetch_sub(1, Ordering::AcqRel);
+            msg
+        };
         loop {
             let mut ack = None;
             let mut closed = false;
-            match rx.recv() {
+            match rx.recv().map(taken) {
                 Ok(Msg::Sync(to)) => ack = Some(to),
                 Ok(Msg::Record(at, body)) => self.batch.push((humantime_rfc3339(at), body)),
                 Err(mpsc::RecvError) => return,
             }
             let deadline = Instant::now() + BATCH_INTERVAL;
             while ack.is_none() && self.batch.len() < BATCH_RECORDS {
-                match rx.try_recv() {
+                match rx.try_recv().map(taken) {
                     Ok(Msg::Sync(to)) => ack = Some(to),
                     Ok(Msg::Record(at, body)) => {
                         self.batch.push((humantime_rfc3339(at), body));
@@ -214,7 +324,7 @@ impl Writer {
             if closed {
                 return;
             }
-            let drops = dropped.load(Ordering::Relaxed);
+            let drops = room.dropped.load(Ordering::Relaxed);
             if drops > reported_drops {
                 tracing::warn!(target: "aegis::audit", dropped = drops - reported_drops, "audit records dropped: the writer fell behind");
                 reported_drops = drops;
@@ -312,7 +422,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit/audit.jsonl");
         let key_path = dir.path().join("audit.key");
-        let log = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap()).unwrap();
+        let log = AuditLog::open(
+            &path,
+            AuditKey::load_or_create(&key_path).unwrap(),
+            DEFAULT_QUEUE,
+        )
+        .unwrap();
         for n in 0..3 {
             log.append(&Rec { kind: "test", n });
         }
@@ -331,7 +446,12 @@ mod tests {
         assert_eq!(parsed[3]["kind"], chain::SIGNATURE_KIND);
         drop(log);
         thread::sleep(BATCH_INTERVAL);
-        let log = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap()).unwrap();
+        let log = AuditLog::open(
+            &path,
+            AuditKey::load_or_create(&key_path).unwrap(),
+            DEFAULT_QUEUE,
+        )
+        .unwrap();
         log.append(&Rec {
             kind: "again",
             n: 9,
@@ -343,6 +463,68 @@ mod tests {
         assert_eq!((report.lines, report.signatures), (6, 2));
     }
 
+    /// With the writer stalled (another process holds the file's lock), the queue fills: no
+    /// reservation past its capacity, an append without a slot is dropped and counted, an
+    /// unspent slot gives its room back, and every record appended in a slot reaches the file
+    /// once the writer resumes.
+    #[test]
+    fn a_full_queue_refuses_reservations_and_loses_no_reserved_record() {
+        use rustix::fs::{FlockOperation, flock};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let key_path = dir.path().join("audit.key");
+        let log = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap(), 4).unwrap();
+        let holder = File::open(&path).unwrap();
+        flock(&holder, FlockOperation::LockExclusive).unwrap();
+        // The writer takes this record, gathers for a batch interval, then waits for the lock.
+        log.append(&Rec {
+            kind: "first",
+            n: 0,
+        });
+        thread::sleep(BATCH_INTERVAL * 3);
+        let mut slots: Vec<Slot> = (0..4).map(|_| log.reserve().expect("room")).collect();
+        assert!(log.reserve().is_none(), "a reservation past the capacity");
+        log.append(&Rec {
+            kind: "unreserved",
+            n: 9,
+        });
+        assert_eq!(log.dropped(), 1);
+        drop(slots.pop());
+        slots.push(log.reserve().expect("the room an unspent slot gave back"));
+        for (n, slot) in (1..).zip(slots) {
+            log.append_in(
+                slot,
+                &Rec {
+                    kind: "reserved",
+                    n,
+                },
+            );
+        }
+        assert!(log.reserve().is_none(), "4 records queued");
+        assert!(!log.sync(), "a sync with the queue full");
+        flock(&holder, FlockOperation::Unlock).unwrap();
+        // first + its signature, then the 4 reserved + their signature.
+        let text = wait_lines(&path, 7);
+        let kinds: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
+            .filter(|k| !k.contains(chain::SIGNATURE_KIND))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "\"first\"",
+                "\"reserved\"",
+                "\"reserved\"",
+                "\"reserved\"",
+                "\"reserved\""
+            ],
+            "{text}"
+        );
+        assert!(log.sync(), "the writer took the queue: room again");
+        assert_eq!(log.dropped(), 1);
+    }
+
     /// Two writers on one file at once (an upgrade's old and new agent) interleave whole
     /// batches, each continuing the chain the other extended: the file verifies.
     #[test]
@@ -350,8 +532,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let key_path = dir.path().join("audit.key");
-        let old = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap()).unwrap();
-        let new = AuditLog::open(&path, AuditKey::load_or_create(&key_path).unwrap()).unwrap();
+        let old = AuditLog::open(
+            &path,
+            AuditKey::load_or_create(&key_path).unwrap(),
+            DEFAULT_QUEUE,
+        )
+        .unwrap();
+        let new = AuditLog::open(
+            &path,
+            AuditKey::load_or_create(&key_path).unwrap(),
+            DEFAULT_QUEUE,
+        )
+        .unwrap();
         for n in 0..3 {
             old.append(&Rec { kind: "old", n });
             new.append(&Rec { kind: "new", n });

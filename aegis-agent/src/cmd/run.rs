@@ -37,7 +37,7 @@ use tokio::{
 
 use crate::{
     approval::{self, Approvals, webhook::Webhook},
-    audit::{AuditLog, chain::AuditKey},
+    audit::{AuditLog, OnFull, chain::AuditKey},
     budget::RedbStore,
     cgroup,
     cli::RunArgs,
@@ -110,7 +110,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(target: "aegis::agent", pid = p.pid, sockets = inherited, "taking over from the running agent");
     }
     let ca = NodeCa::load_or_create(&args.ca_cert, &args.ca_key)?;
-    let audit = AuditLog::open(&args.audit_log, AuditKey::load_or_create(&args.audit_key)?)?;
+    let audit = AuditLog::open(
+        &args.audit_log,
+        AuditKey::load_or_create(&args.audit_key)?,
+        args.audit_queue,
+    )?;
+    if args.audit_full == OnFull::Open {
+        tracing::warn!(target: "aegis::agent", "--audit-full open: L7 calls whose audit record finds the queue full pass unrecorded (fail open)");
+    }
     let upstream_roots = upstream_roots(args.upstream_ca.as_deref())?;
     let approvals_store = approval::store::ApprovalStore::open(&args.approvals_db)
         .map_err(|e| anyhow!("--approvals-db: {e}"))?;
@@ -190,6 +197,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         l7::proxy::Settings {
             listen: l7_listen,
             max_body: args.max_body,
+            audit_full: args.audit_full,
             listeners: listeners.clone(),
         },
         l7_runtimes()?,

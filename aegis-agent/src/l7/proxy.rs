@@ -29,7 +29,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use super::{Decider, Decision, DecisionRequest, Verdict, ca::NodeCa, upstream, usage};
 use crate::{
     approval::{self, Approval, Approvals, NewApproval, OverrideError, Redeemed},
-    audit::AuditLog,
+    audit::{self, AuditLog, OnFull},
     budget::{self, BudgetError},
     egress::Enforcer,
     handover::Listeners,
@@ -67,6 +67,8 @@ pub struct Settings {
     /// Largest request body accepted, in bytes; larger requests get 413 without being read
     /// whole.
     pub max_body: usize,
+    /// What a call gets when the audit queue has no room for its record.
+    pub audit_full: OnFull,
     /// Where the listening sockets come from (inherited from a predecessor or bound), and
     /// when to stop and drain.
     pub listeners: Listeners,
@@ -137,6 +139,10 @@ enum Refusal {
     Override(OverrideError),
     #[error("approvals: {0}")]
     Approvals(String),
+    #[error(
+        "the audit log's queue is full (its writer fell behind); nothing is forwarded unrecorded (fail closed)"
+    )]
+    AuditUnavailable,
 }
 
 impl Refusal {
@@ -161,6 +167,7 @@ impl Refusal {
             Refusal::StateUnavailable { .. } => "state_unavailable",
             Refusal::Override(e) => e.reason(),
             Refusal::Approvals(_) => "approvals_unavailable",
+            Refusal::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -175,9 +182,9 @@ impl Refusal {
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Token(_) => StatusCode::UNAUTHORIZED,
             Refusal::BudgetExceeded(_) => StatusCode::PAYMENT_REQUIRED,
-            Refusal::StateUnavailable { .. } | Refusal::Approvals(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Refusal::StateUnavailable { .. }
+            | Refusal::Approvals(_)
+            | Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -303,7 +310,7 @@ async fn accept_loop(shared: Arc<Shared>, identity: Identity, listener: TcpListe
                             peer: peer.to_string(),
                             ..refusal_record(&identity, &refusal)
                         };
-                        emit(&shared, &record);
+                        emit(&shared, &record, None);
                     }
                 }));
             }
@@ -414,7 +421,7 @@ async fn serve_conn(
     Ok(())
 }
 
-/// Request phase: Host check, body, decision, forward.
+/// Request phase: room for the audit record, Host check, body, decision, forward.
 async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let mut record = L7Record {
@@ -422,7 +429,13 @@ async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Respons
         path: req.uri().path().to_owned(),
         ..conn_record(conn)
     };
-    let (response, refusal) = decide_and_forward(shared, conn, req, &mut record).await;
+    // The record's room is taken before anything can take effect: a call is never forwarded
+    // and then left unrecorded because the writer fell behind (unless `--audit-full open`).
+    let slot = shared.audit.reserve();
+    let (response, refusal) = match (&slot, shared.settings.audit_full) {
+        (None, OnFull::Closed) => refuse_unread(req.into_body(), Refusal::AuditUnavailable).await,
+        _ => decide_and_forward(shared, conn, req, &mut record).await,
+    };
     if let Some(refusal) = refusal {
         let refused = refusal_record(&conn.identity, &refusal);
         record.decision = refused.decision;
@@ -430,7 +443,7 @@ async fn handle(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Respons
     }
     record.status = Some(response.status().as_u16());
     record.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    emit(shared, &record);
+    emit(shared, &record, slot);
     response
 }
 
@@ -616,7 +629,13 @@ async fn decide_and_forward(
     // A priced call is charged to the identity's (and tool's) budget before it leaves: its
     // fixed price, or the reservation bounding an LLM call's cost; refunded if it does not get
     // through, settled to the reported usage when an LLM response ends.
+    // A metered LLM call writes a second record (`llm_usage`) when its response ends.
+    let mut usage_slot = None;
     if priced.llm.is_some() {
+        usage_slot = shared.audit.reserve();
+        if usage_slot.is_none() && shared.settings.audit_full == OnFull::Closed {
+            return refuse(Refusal::AuditUnavailable);
+        }
         record.estimated_cost_usd = Some(priced.amount as f64 / 1e6);
         record.cost_settled_later = true;
     }
@@ -695,7 +714,10 @@ async fn decide_and_forward(
     }
     match forward(conn, upstream_req).await {
         Ok(resp) => match priced.llm {
-            Some(prices) => (meter(shared, conn, record, resp, prices, charged), None),
+            Some(prices) => {
+                let metered = meter(shared, conn, record, resp, prices, charged, usage_slot);
+                (metered, None)
+            }
             None => (resp, None),
         },
         Err(refusal) => {
@@ -802,7 +824,8 @@ impl Priced {
 }
 
 /// Wraps an LLM response so that, when it ends, its reported usage settles the reservation
-/// (`charged`: periods and reserved micro-USD) and an `llm_usage` audit record is written.
+/// (`charged`: periods and reserved micro-USD) and an `llm_usage` audit record is written (in
+/// `slot`, when the call has one).
 fn meter(
     shared: &Shared,
     conn: &Conn,
@@ -810,6 +833,7 @@ fn meter(
     resp: Response<Body>,
     prices: usage::Prices,
     charged: Option<(Vec<budget::Period>, u64)>,
+    slot: Option<audit::Slot>,
 ) -> Response<Body> {
     let (parts, body) = resp.into_parts();
     let reader = usage::UsageReader::new(
@@ -861,7 +885,10 @@ fn meter(
             }
             tracing::warn!(target: "aegis::l7", agent = %settled.agent, tool = ?settled.tool, "LLM response reported no usage (or ended early); the reservation stays charged");
         }
-        audit.append(&settled);
+        match slot {
+            Some(slot) => audit.append_in(slot, &settled),
+            None => audit.append(&settled),
+        }
     });
     Response::from_parts(parts, usage::MeteredBody::new(body, reader, settle).boxed())
 }
@@ -1171,11 +1198,15 @@ fn record_approval(record: &mut L7Record, how: &str, redeemed: Redeemed) {
     record.approved_by = Some(redeemed.approved_by);
 }
 
-/// Logs, exports (span) and audits one decision.
-fn emit(shared: &Shared, record: &L7Record) {
+/// Logs, exports (span) and audits one decision: in `slot` when the call holds one, else if the
+/// queue has room.
+fn emit(shared: &Shared, record: &L7Record, slot: Option<audit::Slot>) {
     telemetry::l7_decision(record);
     crate::metrics::global().l7_decision(record);
-    shared.audit.append(record);
+    match slot {
+        Some(slot) => shared.audit.append_in(slot, record),
+        None => shared.audit.append(record),
+    }
 }
 
 #[cfg(test)]
