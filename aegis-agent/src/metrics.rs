@@ -75,6 +75,7 @@ pub const L7_REASONS: &[&str] = &[
     "budget_exceeded",
     "state_unavailable",
     "approvals_unavailable",
+    "audit_unavailable",
     "override_invalid",
     "override_used",
     "override_wrong_identity",

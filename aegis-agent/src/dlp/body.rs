@@ -164,6 +164,21 @@ impl Detectors {
         content_type: Option<&str>,
         body: &[u8],
     ) -> Result<Redacted, DlpError> {
+        self.redact_body_parsed(content_type, body, None)
+    }
+
+    /// [`Detectors::redact_body`] of a body the caller has parsed already: `parsed`, when
+    /// `Some`, must be `serde_json::from_slice(body)`; it is used (and redacted in place)
+    /// instead of parsing the body again when the content type is JSON, and ignored otherwise.
+    ///
+    /// # Errors
+    /// As [`Detectors::redact_body`].
+    pub fn redact_body_parsed(
+        &self,
+        content_type: Option<&str>,
+        body: &[u8],
+        parsed: Option<Value>,
+    ) -> Result<Redacted, DlpError> {
         let Ok(text) = std::str::from_utf8(body) else {
             return Ok(Redacted {
                 body: body.to_vec(),
@@ -179,10 +194,13 @@ impl Detectors {
             || media_type == "text/json"
             || media_type.starts_with("application/") && media_type.ends_with("+json");
         if is_json {
-            let mut value: Value = serde_json::from_str(text).map_err(|source| DlpError::Json {
-                content_type: content_type.unwrap_or_default().to_owned(),
-                source,
-            })?;
+            let mut value: Value = match parsed {
+                Some(value) => value,
+                None => serde_json::from_str(text).map_err(|source| DlpError::Json {
+                    content_type: content_type.unwrap_or_default().to_owned(),
+                    source,
+                })?,
+            };
             let findings = self.redact_json(&mut value);
             let body = if findings.is_empty() {
                 body.to_vec()

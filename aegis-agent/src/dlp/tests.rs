@@ -504,6 +504,13 @@ fn bodies_follow_content_type() {
         .unwrap();
     assert_eq!(r.body, br#"{"detail":"contact [REDACTED:EMAIL]"}"#);
     assert_eq!(r.findings[0].path, "/detail");
+    // The same body parsed by the caller (the enforcer parses once for policy and DLP).
+    let body = br#"{"detail":"contact bob@example.com"}"#;
+    let parsed = serde_json::from_slice(body).unwrap();
+    let again = d
+        .redact_body_parsed(Some("Application/Problem+JSON"), body, Some(parsed))
+        .unwrap();
+    assert_eq!(again, r);
     // A JSON escape cannot hide an address from the scanner.
     let r = d
         .redact_body(Some("application/json"), br#"["bob\u0040example.com"]"#)

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use super::{Decider, Decision, DecisionRequest, Verdict};
 use crate::{
     dlp::{Builtin, CustomPattern, Detectors},
-    policy::{L7Engine, L7Request, L7Verdict, Mode, PolicySet},
+    policy::{L7Engine, L7Request, L7Verdict, Mode, PolicySet, input},
 };
 
 /// Detector sets compiled for (agent, tenant, policy version, kinds); beyond this many the
@@ -89,6 +89,11 @@ impl PolicyDecider {
 
 impl Decider for PolicyDecider {
     fn decide(&self, req: &DecisionRequest<'_>) -> Result<Decision, String> {
+        // A JSON body is parsed once, for the policy's parameters and for DLP. One that does
+        // not parse is left to each: the policy reports it (`malformed_body`), DLP refuses it.
+        let mut json = input::is_json(req.content_type)
+            .then(|| serde_json::from_slice::<serde_json::Value>(req.body).ok())
+            .flatten();
         let l7 = L7Request {
             agent: req.identity.agent.as_str(),
             tenant: req.identity.tenant.as_str(),
@@ -98,6 +103,7 @@ impl Decider for PolicyDecider {
             query: req.query,
             content_type: req.content_type,
             body: req.body,
+            json: json.as_ref(),
             time: SystemTime::now(),
         };
         let d = self.engine.load().decide(&l7).map_err(|e| e.to_string())?;
@@ -108,7 +114,7 @@ impl Decider for PolicyDecider {
             L7Verdict::ApprovalNeeded => Verdict::ApprovalNeeded,
             L7Verdict::Sanitize => {
                 let detectors = self.detectors(req, d.policy_version, &d.sanitize)?;
-                match detectors.redact_body(req.content_type, req.body) {
+                match detectors.redact_body_parsed(req.content_type, req.body, json.take()) {
                     Ok(r) => Verdict::Sanitize {
                         findings: r.findings.len(),
                         body: r.body,

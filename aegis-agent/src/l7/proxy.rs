@@ -197,6 +197,8 @@ struct Conn {
     /// budget periods, formatted once.
     key: String,
     sni: String,
+    /// `sni` as the upstream request's `Host` header value.
+    host_header: HeaderValue,
     origin: SocketAddr,
     /// The record fields every request of the connection repeats (identity, SNI, addresses),
     /// formatted once.
@@ -375,6 +377,9 @@ async fn serve_conn(
         .await
         .map_err(|_| Refusal::Handshake(io::ErrorKind::TimedOut.into()))?
         .map_err(Refusal::Handshake)?;
+    // A DNS name (rustls checked the SNI's syntax) is always a valid header value.
+    let host_header = HeaderValue::from_str(&sni)
+        .map_err(|e| Refusal::Handshake(io::Error::new(io::ErrorKind::InvalidData, e)))?;
     let record = L7Record {
         sni: sni.clone(),
         dst: origin_addr.to_string(),
@@ -391,6 +396,7 @@ async fn serve_conn(
             UPSTREAM_CONNS_PER_CONN,
         ),
         sni,
+        host_header,
         origin: origin_addr,
         record,
     });
@@ -1017,8 +1023,8 @@ async fn forward(conn: &Conn, mut req: Request<Body>) -> Result<Response<Body>, 
     *req.version_mut() = http::Version::HTTP_11;
     // HTTP/1.1 needs a Host header (an HTTP/2 request carries :authority instead), and the
     // request target in origin form.
-    let host = HeaderValue::from_str(&conn.sni).map_err(|e| upstream_err(e.to_string()))?;
-    req.headers_mut().insert(header::HOST, host);
+    req.headers_mut()
+        .insert(header::HOST, conn.host_header.clone());
     *req.uri_mut() = path_only(req.uri());
     let response = conn
         .upstream
@@ -1048,15 +1054,20 @@ fn join_cookies(headers: &mut http::HeaderMap) {
     }
 }
 
+/// `uri` as an HTTP/1.1 request target in origin form (RFC 9112 section 3.2.1): its path and
+/// query, or `/`.
 fn path_only(uri: &http::Uri) -> http::Uri {
-    uri.path_and_query().map_or_else(
-        || http::Uri::from_static("/"),
-        |pq| {
-            pq.as_str()
-                .parse()
-                .unwrap_or_else(|_| http::Uri::from_static("/"))
-        },
-    )
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        // Already origin form (every HTTP/1.1 request from a client, not a proxy).
+        return uri.clone();
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"))
 }
 
 /// The hop-by-hop headers of RFC 9110 section 7.6.1 (and the obsolete `keep-alive` and
@@ -1253,6 +1264,24 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["accept", "host"]);
         assert_eq!(h.get_all("accept").iter().count(), 2);
+    }
+
+    #[test]
+    fn request_targets_are_sent_in_origin_form() {
+        for (uri, target) in [
+            (
+                "https://api.stripe.com/v1/charges?limit=3",
+                "/v1/charges?limit=3",
+            ),
+            ("/v1/charges?limit=3", "/v1/charges?limit=3"),
+            ("https://api.stripe.com", "/"),
+            ("*", "*"),
+        ] {
+            let uri: http::Uri = uri.parse().unwrap();
+            let out = path_only(&uri);
+            assert_eq!(out.to_string(), target, "{uri}");
+            assert!(out.scheme().is_none() && out.authority().is_none(), "{uri}");
+        }
     }
 
     #[test]

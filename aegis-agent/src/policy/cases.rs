@@ -255,6 +255,7 @@ fn request<'a>(case: &'a Case, p: &'a Prepared) -> L7Request<'a> {
         query: r.query.as_deref(),
         content_type: p.content_type.as_deref(),
         body: &p.body,
+        json: None,
         time: p.time,
     }
 }

@@ -69,6 +69,10 @@ pub struct L7Request<'a> {
     pub content_type: Option<&'a str>,
     /// The whole request body (the enforcer bounds its size).
     pub body: &'a [u8],
+    /// `body` already parsed as JSON by the caller (`serde_json::from_slice(body)`), when its
+    /// content type is one the parameters are read from as JSON ([`super::input::is_json`]):
+    /// it is then not parsed again. `None`: parsed here if needed.
+    pub json: Option<&'a serde_json::Value>,
     /// When the request arrived; business hours are evaluated against it.
     pub time: SystemTime,
 }

@@ -92,8 +92,28 @@ impl Params {
     }
 }
 
-/// Parses the query string and the body into parameters.
-pub fn params(query: Option<&str>, content_type: Option<&str>, body: &[u8]) -> Params {
+/// Whether parameters are read from a body of `content_type` as JSON: `application/json` and
+/// `application/*+json` (RFC 6839 section 3.1).
+pub fn is_json(content_type: Option<&str>) -> bool {
+    let Some(mime) = content_type.and_then(|c| c.split(';').next()) else {
+        return false;
+    };
+    let m = mime.trim().as_bytes();
+    let (prefix, suffix) = (b"application/", b"+json");
+    m.eq_ignore_ascii_case(b"application/json")
+        || m.len() >= prefix.len() + suffix.len()
+            && m[..prefix.len()].eq_ignore_ascii_case(prefix)
+            && m[m.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+}
+
+/// Parses the query string and the body into parameters. `json`: the body already parsed (see
+/// [`super::L7Request::json`]).
+pub fn params(
+    query: Option<&str>,
+    content_type: Option<&str>,
+    body: &[u8],
+    json: Option<&serde_json::Value>,
+) -> Params {
     let mut p = Params {
         values: BTreeMap::new(),
         count: 0,
@@ -108,12 +128,20 @@ pub fn params(query: Option<&str>, content_type: Option<&str>, body: &[u8]) -> P
     if body.iter().all(u8::is_ascii_whitespace) {
         return p;
     }
+    if is_json(content_type) {
+        let result = match json {
+            Some(value) => flatten(&mut p, String::new(), value, 0),
+            None => parse_json(&mut p, body),
+        };
+        if let Err(e) = result {
+            p.body_error = Some(e);
+        }
+        return p;
+    }
     let mime = content_type
         .and_then(|c| c.split(';').next())
         .map(|c| c.trim().to_ascii_lowercase());
     let result = match mime.as_deref() {
-        Some("application/json") => json(&mut p, body),
-        Some(m) if m.starts_with("application/") && m.ends_with("+json") => json(&mut p, body),
         Some("application/x-www-form-urlencoded") => form(&mut p, body),
         Some(m) => Err(format!("content type {m} is not parsed for parameters")),
         None => Err("body without content type".to_owned()),
@@ -124,7 +152,7 @@ pub fn params(query: Option<&str>, content_type: Option<&str>, body: &[u8]) -> P
     p
 }
 
-fn json(p: &mut Params, body: &[u8]) -> Result<(), String> {
+fn parse_json(p: &mut Params, body: &[u8]) -> Result<(), String> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("malformed JSON body: {e}"))?;
     flatten(p, String::new(), &value, 0)
@@ -228,7 +256,7 @@ pub fn build(
     path: &str,
     only: Option<&std::collections::HashSet<String>>,
 ) -> Value {
-    let mut params = params(req.query, req.content_type, req.body);
+    let mut params = params(req.query, req.content_type, req.body, req.json);
     // Every name with a value at it or below it (`a.b.c` → `a`, `a.b`, `a.b.c`): what
     // `required` checks, taken before the filter drops the fields below a checked name.
     let mut present: BTreeMap<Value, Value> = BTreeMap::new();
@@ -296,12 +324,14 @@ mod tests {
 
     #[test]
     fn flattens_json_form_and_query() {
-        let p = params(
-            Some("amount=7&expand[]=customer"),
-            Some("application/json; charset=utf-8"),
-            br#"{"amount": 5, "customer": {"address": {"city": "Paris"}}, "items": [{"price": 1}, {"price": "2"}]}"#,
-        );
+        let body = br#"{"amount": 5, "customer": {"address": {"city": "Paris"}}, "items": [{"price": 1}, {"price": "2"}]}"#;
+        let ct = Some("application/json; charset=utf-8");
+        let p = params(Some("amount=7&expand[]=customer"), ct, body, None);
         assert!(p.body_error.is_none());
+        // A body the caller parsed already gives the same parameters.
+        let parsed: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let again = params(Some("amount=7&expand[]=customer"), ct, body, Some(&parsed));
+        assert_eq!((&again.values, again.count), (&p.values, p.count));
         assert_eq!(
             p.values["amount"],
             vec![Value::from("7"), Value::from(5u64)]
@@ -317,9 +347,32 @@ mod tests {
             None,
             Some("application/x-www-form-urlencoded"),
             b"amount=1200&metadata[order_id]=A+1&items[0][price]=3",
+            None,
         );
         assert_eq!(p.values["metadata.order_id"], vec![Value::from("A 1")]);
         assert_eq!(p.values["items.price"], vec![Value::from("3")]);
+    }
+
+    #[test]
+    fn json_content_types_are_recognised_whatever_their_case() {
+        for ct in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/vnd.api+json",
+            "application/merge-patch+JSON",
+        ] {
+            assert!(is_json(Some(ct)), "{ct}");
+        }
+        for ct in [
+            "text/json",
+            "application/jsonx",
+            "json",
+            "applicatioé/x+json",
+            "",
+        ] {
+            assert!(!is_json(Some(ct)), "{ct}");
+        }
+        assert!(!is_json(None));
     }
 
     #[test]
@@ -333,6 +386,7 @@ mod tests {
             query: Some("q=1"),
             content_type: Some("application/json"),
             body,
+            json: None,
             time: UNIX_EPOCH,
         };
         let only: std::collections::HashSet<String> = ["amount".to_owned()].into();
@@ -387,14 +441,14 @@ mod tests {
 
     #[test]
     fn unparsable_bodies_are_reported() {
-        let p = params(None, Some("application/json"), b"{\"amount\": ");
+        let p = params(None, Some("application/json"), b"{\"amount\": ", None);
         assert!(p.body_error.unwrap().contains("malformed JSON"));
-        let p = params(None, Some("text/plain"), b"hello");
+        let p = params(None, Some("text/plain"), b"hello", None);
         assert!(p.body_error.unwrap().contains("text/plain"));
-        let p = params(None, None, b"  ");
+        let p = params(None, None, b"  ", None);
         assert!(p.body_error.is_none());
         let deep = "[".repeat(40) + &"]".repeat(40);
-        let p = params(None, Some("application/json"), deep.as_bytes());
+        let p = params(None, Some("application/json"), deep.as_bytes(), None);
         assert!(p.body_error.unwrap().contains("deeper"));
     }
 

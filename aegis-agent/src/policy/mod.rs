@@ -15,7 +15,7 @@
 
 mod cases;
 mod engine;
-mod input;
+pub(crate) mod input;
 mod l7;
 mod raw;
 mod rego;

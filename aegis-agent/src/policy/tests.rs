@@ -370,6 +370,7 @@ fn request<'a>(
         query: None,
         content_type: Some("application/json"),
         body,
+        json: None,
         time: std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_736_175_600),
     }
 }
