@@ -6,7 +6,10 @@
 //! bounded (depth, count); a body that cannot be parsed becomes `body_error`, which denies any
 //! action with parameter constraints (fail closed).
 
-use std::{collections::BTreeMap, time::UNIX_EPOCH};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    time::UNIX_EPOCH,
+};
 
 use regorus::Value;
 
@@ -75,19 +78,41 @@ pub fn normalize_path(path: &str) -> Result<String, &'static str> {
 }
 
 /// The parameters of a request, and why the body could not be parsed, if it could not.
-pub struct Params {
+pub struct Params<'a> {
+    /// The values of the parameters kept (see [`params`]), by name.
     pub values: BTreeMap<String, Vec<Value>>,
+    /// Every kept name with a value at it or below it (`a.b.c` → `a`, `a.b`, `a.b.c`): what
+    /// `required` checks.
+    pub present: BTreeSet<String>,
+    /// Every value, kept or not.
     pub count: usize,
     pub body_error: Option<String>,
+    keep: Option<&'a HashSet<String>>,
 }
 
-impl Params {
-    fn push(&mut self, key: String, value: Value) -> Result<(), String> {
+impl Params<'_> {
+    fn kept(&self, name: &str) -> bool {
+        self.keep.is_none_or(|keep| keep.contains(name))
+    }
+
+    /// Counts one value of `key`, and keeps it (made by `value` only then) if its name is kept.
+    fn push(&mut self, key: String, value: impl FnOnce() -> Value) -> Result<(), String> {
         if self.count >= MAX_VALUES {
             return Err(format!("more than {MAX_VALUES} parameter values"));
         }
         self.count += 1;
-        self.values.entry(key).or_default().push(value);
+        let mut end = 0;
+        for part in key.split('.') {
+            end += part.len();
+            let name = &key[..end];
+            end += 1;
+            if self.kept(name) && !self.present.contains(name) {
+                self.present.insert(name.to_owned());
+            }
+        }
+        if self.kept(&key) {
+            self.values.entry(key).or_default().push(value());
+        }
         Ok(())
     }
 }
@@ -107,17 +132,22 @@ pub fn is_json(content_type: Option<&str>) -> bool {
 }
 
 /// Parses the query string and the body into parameters. `json`: the body already parsed (see
-/// [`super::L7Request::json`]).
-pub fn params(
+/// [`super::L7Request::json`]). `keep`: the names whose values are kept (`None`: all); the
+/// others are only counted (and their names' presence noted if kept), so a body's unchecked
+/// fields (an LLM prompt, a message text) are never copied.
+pub fn params<'a>(
     query: Option<&str>,
     content_type: Option<&str>,
     body: &[u8],
     json: Option<&serde_json::Value>,
-) -> Params {
+    keep: Option<&'a HashSet<String>>,
+) -> Params<'a> {
     let mut p = Params {
         values: BTreeMap::new(),
+        present: BTreeSet::new(),
         count: 0,
         body_error: None,
+        keep,
     };
     if let Some(q) = query
         && let Err(e) = form(&mut p, q.as_bytes())
@@ -187,7 +217,7 @@ fn flatten(
         }
         // A scalar body (`"text"`, `42`) has no parameter name.
         _ if path.is_empty() => Ok(()),
-        scalar => p.push(path, Value::from(scalar.clone())),
+        scalar => p.push(path, || Value::from(scalar.clone())),
     }
 }
 
@@ -197,7 +227,7 @@ fn form(p: &mut Params, bytes: &[u8]) -> Result<(), String> {
         if key.is_empty() {
             continue;
         }
-        p.push(key, Value::from(v.into_owned()))?;
+        p.push(key, || Value::from(v.into_owned()))?;
     }
     Ok(())
 }
@@ -247,33 +277,16 @@ fn is_decimal(s: &str) -> bool {
 }
 
 /// The input document for the request. `only`: the parameter names the policy's Rego reads
-/// (`None`: all); `params` and `numbers` leave the others out, which spares copying a body's
-/// unchecked fields (an LLM prompt, a message text) into the document. Every value still counts
+/// (`None`: all); `params`, `numbers` and `present` leave the others out, which spares copying
+/// a body's unchecked fields (an LLM prompt, a message text) at all. Every value still counts
 /// against [`MAX_VALUES`] and a body that does not parse still sets `body_error`.
-pub fn build(
-    req: &L7Request<'_>,
-    host: &str,
-    path: &str,
-    only: Option<&std::collections::HashSet<String>>,
-) -> Value {
-    let mut params = params(req.query, req.content_type, req.body, req.json);
-    // Every name with a value at it or below it (`a.b.c` → `a`, `a.b`, `a.b.c`): what
-    // `required` checks, taken before the filter drops the fields below a checked name.
-    let mut present: BTreeMap<Value, Value> = BTreeMap::new();
-    for key in params.values.keys() {
-        let mut end = 0;
-        for part in key.split('.') {
-            end += part.len();
-            let name = &key[..end];
-            end += 1;
-            if only.is_none_or(|only| only.contains(name)) {
-                present.insert(Value::from(name), Value::from(true));
-            }
-        }
-    }
-    if let Some(only) = only {
-        params.values.retain(|name, _| only.contains(name));
-    }
+pub fn build(req: &L7Request<'_>, host: &str, path: &str, only: Option<&HashSet<String>>) -> Value {
+    let params = params(req.query, req.content_type, req.body, req.json, only);
+    let present: BTreeMap<Value, Value> = params
+        .present
+        .iter()
+        .map(|name| (Value::from(name.as_str()), Value::from(true)))
+        .collect();
     let time_ns = req
         .time
         .duration_since(UNIX_EPOCH)
@@ -326,11 +339,17 @@ mod tests {
     fn flattens_json_form_and_query() {
         let body = br#"{"amount": 5, "customer": {"address": {"city": "Paris"}}, "items": [{"price": 1}, {"price": "2"}]}"#;
         let ct = Some("application/json; charset=utf-8");
-        let p = params(Some("amount=7&expand[]=customer"), ct, body, None);
+        let p = params(Some("amount=7&expand[]=customer"), ct, body, None, None);
         assert!(p.body_error.is_none());
         // A body the caller parsed already gives the same parameters.
         let parsed: serde_json::Value = serde_json::from_slice(body).unwrap();
-        let again = params(Some("amount=7&expand[]=customer"), ct, body, Some(&parsed));
+        let again = params(
+            Some("amount=7&expand[]=customer"),
+            ct,
+            body,
+            Some(&parsed),
+            None,
+        );
         assert_eq!((&again.values, again.count), (&p.values, p.count));
         assert_eq!(
             p.values["amount"],
@@ -347,6 +366,7 @@ mod tests {
             None,
             Some("application/x-www-form-urlencoded"),
             b"amount=1200&metadata[order_id]=A+1&items[0][price]=3",
+            None,
             None,
         );
         assert_eq!(p.values["metadata.order_id"], vec![Value::from("A 1")]);
@@ -441,14 +461,14 @@ mod tests {
 
     #[test]
     fn unparsable_bodies_are_reported() {
-        let p = params(None, Some("application/json"), b"{\"amount\": ", None);
+        let p = params(None, Some("application/json"), b"{\"amount\": ", None, None);
         assert!(p.body_error.unwrap().contains("malformed JSON"));
-        let p = params(None, Some("text/plain"), b"hello", None);
+        let p = params(None, Some("text/plain"), b"hello", None, None);
         assert!(p.body_error.unwrap().contains("text/plain"));
-        let p = params(None, None, b"  ", None);
+        let p = params(None, None, b"  ", None, None);
         assert!(p.body_error.is_none());
         let deep = "[".repeat(40) + &"]".repeat(40);
-        let p = params(None, Some("application/json"), deep.as_bytes(), None);
+        let p = params(None, Some("application/json"), deep.as_bytes(), None, None);
         assert!(p.body_error.unwrap().contains("deeper"));
     }
 
