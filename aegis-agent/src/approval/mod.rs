@@ -494,7 +494,7 @@ impl Approvals {
         });
         // On disk before the approver is told it is done.
         if !self.audit.sync() {
-            tracing::error!(target: "aegis::approval", approval_id = %approval.id, "the audit log did not confirm the decision within 2 s");
+            tracing::error!(target: "aegis::approval", approval_id = %approval.id, "the audit log did not confirm the decision within 2 s (its writer is stalled, or its queue full)");
         }
         tracing::info!(target: crate::telemetry::EVENT_TARGET, kind = "approval_decided", approval_id = %approval.id, outcome = state_name(&approval.state), by, "approval decided");
         self.decided.send_modify(|n| *n = n.wrapping_add(1));
