@@ -2172,7 +2172,8 @@ fn rand_serial(name: &str) -> u64 {
 
 /// The servers process: HTTP (any GET → 200 "hello from <name>", but `/barrier/<key>/<n>`:
 /// 200 once n requests for the key are in at once, 504 if not within 5 s; `/count/<key>`: 200
-/// with how many requests for the key this server has received, this one included) and UDP echo, on the
+/// with how many requests for the key this server has received, this one included; `/peer`:
+/// the client's `address:port`, keeping the connection open) and UDP echo, on the
 /// addresses in the JSON config given as argv[1]; touches the config's `ready` path once every
 /// socket is bound.
 const SERVERS_PY: &str = r#"
@@ -2190,7 +2191,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.startswith("/barrier/"):
             return self.barrier()
-        if self.path.startswith("/count/"):
+        if self.path == "/peer":
+            # GET /peer: the client's address and port, on a kept-alive HTTP/1.1 connection,
+            # so a client sees whether two requests came over one connection.
+            self.protocol_version = "HTTP/1.1"
+            self.close_connection = False
+            body = ("%s:%d" % self.client_address[:2]).encode()
+        elif self.path.startswith("/count/"):
             # GET /count/<key>: how many requests for <key> arrived, so a client sees whether
             # a refused request reached the server.
             with barriers_lock:

@@ -1077,6 +1077,24 @@ fn redis_down_fails_closed_by_default_and_open_when_configured() {
     );
 }
 
+/// A workload that opens a connection per call (each curl is a new process) has its next
+/// call re-originated on the upstream connection its previous call left idle; another
+/// identity's call to the same upstream gets a connection of its own.
+#[test]
+fn upstream_connections_outlive_workload_connections_within_one_identity() {
+    let w = world();
+    let peer = |agent| {
+        let (code, out, err) = curl(&w, agent, &["https://api.stripe.com/peer"]);
+        assert_eq!(code, Some(0), "{err}\n{}", w.diagnostics());
+        out
+    };
+    let first = peer(FINANCE);
+    assert!(first.contains(':'), "{first}");
+    assert_eq!(peer(FINANCE), first, "the same upstream connection");
+    // support-agent's policy is in shadow mode: its GET is forwarded (`would_deny`).
+    assert_ne!(peer(SUPPORT), first, "never another identity's connection");
+}
+
 /// A stalled audit log fills the audit queue (`--audit-queue 2`; the test holds the log's lock,
 /// as another writer of the file would): a call finding no room for its record is refused with
 /// 503 `audit_unavailable` and never reaches the upstream; once the writer resumes, every call

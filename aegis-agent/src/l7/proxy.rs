@@ -88,6 +88,8 @@ struct Shared {
     /// TLS to upstreams (ALPN `http/1.1` only: every request is re-originated over HTTP/1.1,
     /// see [`upstream`]).
     upstream_tls: TlsConnector,
+    /// Idle upstream connections, kept across an identity's workload connections.
+    upstream_idle: Arc<upstream::IdleConns>,
     enforcer: Arc<Mutex<Enforcer>>,
     policies: Arc<ArcSwap<PolicySet>>,
     decider: Arc<dyn Decider>,
@@ -243,6 +245,10 @@ impl L7Proxy {
                 settings,
                 ca,
                 upstream_tls: client(&[b"http/1.1"]),
+                upstream_idle: Arc::new(upstream::IdleConns::new(
+                    upstream::IDLE_TIMEOUT,
+                    upstream::IDLE_PER_KEY,
+                )),
                 enforcer,
                 policies,
                 decider,
@@ -394,6 +400,8 @@ async fn serve_conn(
             sni.clone(),
             origin_addr,
             UPSTREAM_CONNS_PER_CONN,
+            identity.to_string(),
+            shared.upstream_idle.clone(),
         ),
         sni,
         host_header,

@@ -1,5 +1,8 @@
 //! The upstream side of one workload connection: a small pool of HTTP/1.1 connections to the
-//! destination the workload connected to. Every request is re-originated over HTTP/1.1,
+//! destination the workload connected to, whose idle connections are kept for the identity's
+//! next workload connections to the same destination ([`IdleConns`]): a workload that opens a
+//! connection per call (curl, `urllib`) pays the upstream TCP and TLS handshakes once, not per
+//! call. Every request is re-originated over HTTP/1.1,
 //! whatever the workload spoke (as nginx's `proxy_http_version 1.1`): an HTTP/2 workload's
 //! streams each take a connection of the pool, so they stay concurrent, and none of them waits
 //! on an upstream HTTP/2 connection's shared framing task (measured in docs/benchmarks.md,
@@ -14,15 +17,20 @@
 //! - a connection goes back to the pool only once its response body was received whole (hyper
 //!   cannot send the next request on it before); a response dropped midway takes its
 //!   connection with it;
-//! - the pool lives as long as its workload connection: its idle connections close with it.
+//! - an idle connection is only ever reused by the same identity (agent and tenant) for the same
+//!   address and SNI, on the same enforcer thread (its connection task runs there): connections
+//!   are never shared between identities. It is kept at most [`IDLE_TIMEOUT`], and at most
+//!   [`IDLE_PER_KEY`] of them per identity, address, SNI and thread.
 
 use std::{
+    collections::HashMap,
     io,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    thread::ThreadId,
+    time::{Duration, Instant},
 };
 
 use http::{Request, Response};
@@ -59,14 +67,92 @@ pub enum UpstreamError {
     Exchange(#[source] hyper::Error),
 }
 
-type Idle = Arc<Mutex<Vec<SendRequest<Body>>>>;
+/// Longest an upstream connection is kept idle: under the 60 s idle timeout common upstreams
+/// and load balancers close connections after (nginx's `keepalive_timeout` and AWS ALB's
+/// default), so a kept connection is rarely one the upstream is closing; one that it closed
+/// meanwhile is caught by [`Pool::send`].
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// Idle connections kept at most per identity, address, SNI and thread (the newest are kept).
+pub const IDLE_PER_KEY: usize = 32;
+
+/// Whose idle connections these are: see the module doc.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct IdleKey {
+    dest: Arc<Destination>,
+    thread: ThreadId,
+}
+
+/// An identity's destination: where a pool's connections go, and for whom.
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct Destination {
+    /// The identity, as `agent@tenant`.
+    owner: String,
+    addr: SocketAddr,
+    sni: String,
+}
+
+/// One key's idle connections, oldest first, each with when it became idle.
+type Kept = Vec<(SendRequest<Body>, Instant)>;
+
+/// Idle upstream connections of every pool of the node, kept for the next workload
+/// connections of the same identity to the same destination (see the module doc).
+pub struct IdleConns {
+    idle: Mutex<HashMap<IdleKey, Kept>>,
+    timeout: Duration,
+    per_key: usize,
+}
+
+// === impl IdleConns ===
+
+impl IdleConns {
+    /// Connections kept at most `timeout`, at most `per_key` (≥ 1) of them per key.
+    pub fn new(timeout: Duration, per_key: usize) -> IdleConns {
+        IdleConns {
+            idle: Mutex::new(HashMap::new()),
+            timeout,
+            per_key: per_key.max(1),
+        }
+    }
+
+    /// The most recently idle connection of `key` not older than the timeout; older ones are
+    /// dropped (closed).
+    fn take(&self, key: &IdleKey) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().expect("lock poisoned");
+        let conns = idle.get_mut(key)?;
+        let taken = conns
+            .pop()
+            .filter(|(_, since)| since.elapsed() < self.timeout);
+        if taken.is_none() {
+            // The newest was too old: so are the others.
+            conns.clear();
+        }
+        if conns.is_empty() {
+            idle.remove(key);
+        }
+        taken.map(|(sender, _)| sender)
+    }
+
+    /// Keeps `sender` for `key`, dropping that key's connections past the timeout and, past
+    /// the bound, its oldest.
+    fn put(&self, key: &IdleKey, sender: SendRequest<Body>) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("lock poisoned");
+        let conns = idle.entry(key.clone()).or_default();
+        let expired = conns
+            .iter()
+            .take_while(|(_, since)| now.duration_since(*since) >= self.timeout)
+            .count();
+        let over = (conns.len() - expired + 1).saturating_sub(self.per_key);
+        conns.drain(..expired + over);
+        conns.push((sender, now));
+    }
+}
 
 /// The upstream connections of one workload connection (see the module doc).
 pub struct Pool {
     tls: TlsConnector,
-    sni: String,
-    addr: SocketAddr,
-    idle: Idle,
+    dest: Arc<Destination>,
+    idle: Arc<IdleConns>,
     slots: Arc<Semaphore>,
 }
 
@@ -74,14 +160,29 @@ pub struct Pool {
 
 impl Pool {
     /// A pool of at most `cap` (≥ 1) connections to `addr`, TLS by `tls` with SNI `sni` (the
-    /// connector's ALPN must offer `http/1.1` only). Opens nothing until the first request.
-    pub fn new(tls: TlsConnector, sni: String, addr: SocketAddr, cap: usize) -> Pool {
+    /// connector's ALPN must offer `http/1.1` only), for identity `owner` (`agent@tenant`),
+    /// taking and keeping idle connections in `idle`. Opens nothing until the first request.
+    pub fn new(
+        tls: TlsConnector,
+        sni: String,
+        addr: SocketAddr,
+        cap: usize,
+        owner: String,
+        idle: Arc<IdleConns>,
+    ) -> Pool {
         Pool {
             tls,
-            sni,
-            addr,
-            idle: Arc::new(Mutex::new(Vec::new())),
+            dest: Arc::new(Destination { owner, addr, sni }),
+            idle,
             slots: Arc::new(Semaphore::new(cap.max(1))),
+        }
+    }
+
+    /// The key of this pool's idle connections on the current thread.
+    fn key(&self) -> IdleKey {
+        IdleKey {
+            dest: self.dest.clone(),
+            thread: std::thread::current().id(),
         }
     }
 
@@ -101,9 +202,10 @@ impl Pool {
             .acquire_owned()
             .await
             .expect("the pool's semaphore is never closed");
-        let req = match self.take_idle().await {
+        let key = self.key();
+        let req = match self.take_idle(&key).await {
             Some(mut sender) => match sender.try_send_request(req).await {
-                Ok(response) => return Ok(self.leased(response, sender, permit)),
+                Ok(response) => return Ok(self.leased(response, sender, permit, key)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => unsent,
                     None => return Err(UpstreamError::Exchange(e.into_error())),
@@ -116,7 +218,7 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(UpstreamError::Exchange)?;
-        Ok(self.leased(response, sender, permit))
+        Ok(self.leased(response, sender, permit, key))
     }
 
     /// `response` with a body that holds `sender` and its slot until it is dropped.
@@ -125,6 +227,7 @@ impl Pool {
         response: Response<Incoming>,
         sender: SendRequest<Body>,
         permit: OwnedSemaphorePermit,
+        key: IdleKey,
     ) -> Response<Body> {
         let (parts, body) = response.into_parts();
         let leased = Leased {
@@ -134,15 +237,16 @@ impl Pool {
                 sender,
                 _permit: permit,
                 idle: self.idle.clone(),
+                key,
             }),
         };
         Response::from_parts(parts, leased.boxed())
     }
 
     /// An idle connection that is ready for a request, dropping those the upstream closed.
-    async fn take_idle(&self) -> Option<SendRequest<Body>> {
+    async fn take_idle(&self, key: &IdleKey) -> Option<SendRequest<Body>> {
         loop {
-            let mut sender = self.idle.lock().expect("lock poisoned").pop()?;
+            let mut sender = self.idle.take(key)?;
             if sender.ready().await.is_ok() {
                 return Some(sender);
             }
@@ -152,10 +256,11 @@ impl Pool {
     /// Opens a connection: TCP to the pool's address, TLS with its SNI (certificate
     /// verified), the HTTP/1.1 handshake; its connection task runs on the current runtime.
     async fn open(&self) -> Result<SendRequest<Body>, UpstreamError> {
-        let name = ServerName::try_from(self.sni.clone())
-            .map_err(|_| UpstreamError::Name(self.sni.clone()))?;
+        let sni = &self.dest.sni;
+        let name =
+            ServerName::try_from(sni.clone()).map_err(|_| UpstreamError::Name(sni.clone()))?;
         let connect = async {
-            let tcp = TcpStream::connect(self.addr).await?;
+            let tcp = TcpStream::connect(self.dest.addr).await?;
             tcp.set_nodelay(true)?;
             self.tls.connect(name, tcp).await
         };
@@ -171,11 +276,12 @@ impl Pool {
     }
 }
 
-/// A connection in use and its slot in the pool.
+/// A connection in use, its slot in the pool, and where it goes back when idle.
 struct Lease {
     sender: SendRequest<Body>,
     _permit: OwnedSemaphorePermit,
-    idle: Idle,
+    idle: Arc<IdleConns>,
+    key: IdleKey,
 }
 
 /// A response body read from a leased connection; see [`Pool::send`].
@@ -220,7 +326,7 @@ impl Drop for Leased {
         // Back into the pool before the slot is freed, so the request waiting for the slot
         // finds it. A body not read whole leaves hyper to close its connection.
         if (self.ended || self.body.is_end_stream()) && !lease.sender.is_closed() {
-            lease.idle.lock().expect("lock poisoned").push(lease.sender);
+            lease.idle.put(&lease.key, lease.sender);
         }
     }
 }
@@ -367,6 +473,37 @@ mod tests {
         up
     }
 
+    /// A pool of `cap` for identity `a@t`, with idle connections of its own.
+    fn pool(up: &Upstream, sni: &str, cap: usize) -> Pool {
+        let idle = Arc::new(IdleConns::new(IDLE_TIMEOUT, IDLE_PER_KEY));
+        pool_in(up, sni, cap, "a@t", &idle)
+    }
+
+    fn pool_in(up: &Upstream, sni: &str, cap: usize, owner: &str, idle: &Arc<IdleConns>) -> Pool {
+        Pool::new(
+            up.tls.clone(),
+            sni.into(),
+            up.addr,
+            cap,
+            owner.into(),
+            idle.clone(),
+        )
+    }
+
+    /// Two `/hold` requests at once on `pool` (cap ≥ 2), answered once both are held.
+    async fn two_held(up: &Upstream, pool: &Pool) {
+        let (held, gate) = (up.in_flight.clone(), up.gate.clone());
+        let open_gate = async {
+            while held.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            gate.add_permits(2);
+        };
+        let hold = || async { text(pool.send(get("/hold")).await.unwrap()).await };
+        let ((), a, b) = tokio::join!(open_gate, hold(), hold());
+        assert_eq!([a, b], ["/hold", "/hold"]);
+    }
+
     fn get(path: &str) -> Request<Body> {
         Request::get(path)
             .header(http::header::HOST, NAME)
@@ -383,7 +520,7 @@ mod tests {
     #[tokio::test]
     async fn sequential_requests_reuse_one_connection() {
         let up = upstream(Serve::KeepAlive).await;
-        let pool = Pool::new(up.tls.clone(), NAME.into(), up.addr, 4);
+        let pool = pool(&up, NAME, 4);
         for path in ["/a", "/b", "/c"] {
             assert_eq!(text(pool.send(get(path)).await.unwrap()).await, path);
         }
@@ -393,7 +530,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_take_a_connection_each_up_to_the_cap() {
         let up = upstream(Serve::KeepAlive).await;
-        let pool = Pool::new(up.tls.clone(), NAME.into(), up.addr, 2);
+        let pool = pool(&up, NAME, 2);
         let held = up.in_flight.clone();
         let gate = up.gate.clone();
         let open_gate = async {
@@ -416,7 +553,7 @@ mod tests {
     #[tokio::test]
     async fn a_response_not_read_whole_does_not_return_its_connection() {
         let up = upstream(Serve::KeepAlive).await;
-        let pool = Pool::new(up.tls.clone(), NAME.into(), up.addr, 1);
+        let pool = pool(&up, NAME, 1);
         drop(pool.send(get("/unread")).await.unwrap());
         // The slot is free again (cap 1), but the connection was not reused.
         assert_eq!(text(pool.send(get("/next")).await.unwrap()).await, "/next");
@@ -426,7 +563,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_the_upstream_closed_is_replaced() {
         let up = upstream(Serve::CloseAfterOne).await;
-        let pool = Pool::new(up.tls.clone(), NAME.into(), up.addr, 1);
+        let pool = pool(&up, NAME, 1);
         for _ in 0..5 {
             assert_eq!(text(pool.send(get("/")).await.unwrap()).await, "ok");
             // The connection is idle in the pool when the upstream closes it; the next request
@@ -437,10 +574,47 @@ mod tests {
         assert_eq!(up.accepted.load(Ordering::SeqCst), 5);
     }
 
+    /// A workload connection's idle connection serves the same identity's next workload
+    /// connection to the same destination, and never another identity's.
+    #[tokio::test]
+    async fn idle_connections_outlive_their_workload_connection_for_the_same_identity_only() {
+        let up = upstream(Serve::KeepAlive).await;
+        let idle = Arc::new(IdleConns::new(IDLE_TIMEOUT, IDLE_PER_KEY));
+        let first = pool_in(&up, NAME, 1, "a@t", &idle);
+        assert_eq!(text(first.send(get("/a")).await.unwrap()).await, "/a");
+        drop(first);
+        let next = pool_in(&up, NAME, 1, "a@t", &idle);
+        assert_eq!(text(next.send(get("/b")).await.unwrap()).await, "/b");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "reused");
+        let other = pool_in(&up, NAME, 1, "b@t", &idle);
+        assert_eq!(text(other.send(get("/c")).await.unwrap()).await, "/c");
+        assert_eq!(
+            up.accepted.load(Ordering::SeqCst),
+            2,
+            "another identity's own"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_kept_for_a_while_and_a_few_at_most() {
+        let up = upstream(Serve::KeepAlive).await;
+        let idle = Arc::new(IdleConns::new(Duration::from_millis(200), 1));
+        let pool = pool_in(&up, NAME, 2, "a@t", &idle);
+        // Two connections come back idle; one is kept.
+        two_held(&up, &pool).await;
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+        two_held(&up, &pool).await;
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 3, "one reused, one new");
+        // Past the timeout, the kept one is not used.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(text(pool.send(get("/late")).await.unwrap()).await, "/late");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 4);
+    }
+
     #[tokio::test]
     async fn an_upstream_with_a_certificate_for_another_name_is_refused() {
         let up = upstream(Serve::KeepAlive).await;
-        let pool = Pool::new(up.tls.clone(), "other.test".into(), up.addr, 1);
+        let pool = pool(&up, "other.test", 1);
         let err = pool.send(get("/")).await.unwrap_err();
         assert!(matches!(err, UpstreamError::Connect(_)), "{err}");
     }
