@@ -18,8 +18,9 @@
 //! JSON body that passes a parameter constraint (enum, range) and is sanitized by DLP (it holds
 //! an e-mail address, which the enforcer redacts; nginx and direct forward it unchanged).
 //!
-//! Saturation: `wrk -t2 -c32 --latency` (HTTP/1.1 keep-alive) and `h2load -t2 -c32 -m10`
-//! (HTTP/2); percentiles from wrk's own distribution and from h2load's per-request log. Fixed
+//! Saturation: `wrk -t2 -c32 --latency` (HTTP/1.1 keep-alive), the same with
+//! `Connection: close` (a new connection and TLS handshake per request) and
+//! `h2load -t2 -c32 -m10` (HTTP/2); percentiles from wrk's own distribution and from h2load's per-request log. Fixed
 //! rate: `h2load --rps` (10 connections × 100 requests/s = 1,000 requests/s), over HTTP/1.1
 //! (`--h1`) and HTTP/2, percentiles from the per-request log; the three paths alternate for
 //! `AEGIS_BENCH_ROUNDS` rounds (3) and each row gives medians, the added p99 paired with the
@@ -37,7 +38,8 @@
 //! (`policies/`), the regorus evaluation without any I/O.
 //!
 //! Environment: `AEGIS_AGENT_BIN` (agent binary), `AEGIS_BENCH_SECONDS` (length of each run,
-//! default 10), `AEGIS_BENCH_ONLY=saturation|fixed|decision|state` (only that section),
+//! default 10), `AEGIS_BENCH_ONLY=saturation|fixed|decision|state` (only that section;
+//! `per-call`: only the connection-per-request runs),
 //! `AEGIS_BENCH_PERF=DIR` (`perf record -g` of the enforcer or of the nginx proxy during each
 //! saturation run through it, into `DIR/<tool>-<aegis-agent|nginx>-<path>.data`; build the agent
 //! with frame pointers for useful call graphs), `AEGIS_BENCH_SYSCALLS=1` (`perf stat` counts the system calls and context
@@ -272,9 +274,16 @@ fn main() {
         }
     }
 
-    if section("saturation") {
+    // `AEGIS_BENCH_ONLY=per-call`: only the connection-per-request runs of the saturation
+    // section.
+    let tools: &[Tool] = if only == "per-call" {
+        &[Tool::WrkClose]
+    } else {
+        &[Tool::Wrk, Tool::WrkClose, Tool::H2load]
+    };
+    if section("saturation") || only == "per-call" {
         // === saturation ===
-        for tool in [Tool::Wrk, Tool::H2load] {
+        for &tool in tools {
             println!("## {}\n", tool.title(seconds));
             println!(
                 "| path | request | requests/s | p50 ms | p99 ms | errors | CPU µs/request (proxy) | ratio to direct |"
@@ -532,6 +541,7 @@ fn state_section(world: &mut World, dir: &Path, seconds: u32, files: (&str, &str
             };
             let name = match tool {
                 Tool::Wrk => "wrk HTTP/1.1",
+                Tool::WrkClose => "wrk HTTP/1.1, Connection: close",
                 Tool::H2load => "h2load HTTP/2",
             };
             let off_rps = median(&runs[0], &|r| r.rps);
@@ -582,6 +592,9 @@ struct Req<'a> {
 #[derive(Clone, Copy)]
 enum Tool {
     Wrk,
+    /// wrk sending `Connection: close`: a new connection (and TLS handshake) per request, as a
+    /// workload that connects per call (curl, `urllib` without a session).
+    WrkClose,
     H2load,
 }
 
@@ -589,6 +602,7 @@ impl Tool {
     fn name(self) -> &'static str {
         match self {
             Self::Wrk => "wrk",
+            Self::WrkClose => "wrk-close",
             Self::H2load => "h2load",
         }
     }
@@ -598,6 +612,9 @@ impl Tool {
             Self::Wrk => {
                 format!("HTTP/1.1 keep-alive at saturation: wrk -t2 -c32 -d{seconds}s --latency")
             }
+            Self::WrkClose => format!(
+                "HTTP/1.1, a connection per request, at saturation: wrk -t2 -c32 -d{seconds}s --latency -H 'Connection: close'"
+            ),
             Self::H2load => format!(
                 "HTTP/2 at saturation: h2load -t2 -c32 -m10 -D {seconds} (percentiles from --log-file)"
             ),
@@ -661,7 +678,8 @@ impl Bench<'_> {
             self.profile(cpu, &name)
         });
         let mut run = match tool {
-            Tool::Wrk => self.wrk(p, r),
+            Tool::Wrk => self.wrk(p, r, false),
+            Tool::WrkClose => self.wrk(p, r, true),
             Tool::H2load => self.h2load(
                 p,
                 r,
@@ -696,7 +714,8 @@ impl Bench<'_> {
         run
     }
 
-    fn wrk(&self, p: &Route, r: &Req) -> Run {
+    /// `wrk` through `p`; `close`: a new connection per request (`Connection: close`).
+    fn wrk(&self, p: &Route, r: &Req, close: bool) -> Run {
         let url = format!("https://{}{}", p.host, r.path);
         let host = format!("Host: {UPSTREAM}");
         let duration = format!("{}s", self.seconds);
@@ -710,6 +729,9 @@ impl Bench<'_> {
             "-H",
             &host,
         ];
+        if close {
+            argv.extend(["-H", "Connection: close"]);
+        }
         if r.post {
             argv.extend(["-s", &self.lua]);
         }

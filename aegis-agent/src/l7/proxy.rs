@@ -240,15 +240,28 @@ impl L7Proxy {
             client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             TlsConnector::from(Arc::new(client))
         };
+        let upstream_idle = Arc::new(upstream::IdleConns::new(
+            upstream::IDLE_TIMEOUT,
+            upstream::IDLE_PER_KEY,
+        ));
+        if let Some(runtime) = runtimes.first() {
+            let idle = Arc::downgrade(&upstream_idle);
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(upstream::IDLE_TIMEOUT);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let Some(idle) = idle.upgrade() else { return };
+                    idle.sweep();
+                }
+            });
+        }
         L7Proxy {
             shared: Arc::new(Shared {
                 settings,
                 ca,
                 upstream_tls: client(&[b"http/1.1"]),
-                upstream_idle: Arc::new(upstream::IdleConns::new(
-                    upstream::IDLE_TIMEOUT,
-                    upstream::IDLE_PER_KEY,
-                )),
+                upstream_idle,
                 enforcer,
                 policies,
                 decider,

@@ -132,6 +132,29 @@ impl IdleConns {
         taken.map(|(sender, _)| sender)
     }
 
+    /// Drops (closes) every connection idle past the timeout, of every key: what
+    /// [`IdleConns::take`] and [`IdleConns::put`] do for their own key, for keys no longer
+    /// used. Run every [`IDLE_TIMEOUT`] by the enforcer.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("lock poisoned");
+        idle.retain(|_, conns| {
+            conns.retain(|(_, since)| now.duration_since(*since) < self.timeout);
+            !conns.is_empty()
+        });
+    }
+
+    /// Idle connections kept, of every key.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.idle
+            .lock()
+            .expect("lock poisoned")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
     /// Keeps `sender` for `key`, dropping that key's connections past the timeout and, past
     /// the bound, its oldest.
     fn put(&self, key: &IdleKey, sender: SendRequest<Body>) {
@@ -609,6 +632,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(text(pool.send(get("/late")).await.unwrap()).await, "/late");
         assert_eq!(up.accepted.load(Ordering::SeqCst), 4);
+        // The sweep closes what no request came to take.
+        assert_eq!(idle.len(), 1);
+        idle.sweep();
+        assert_eq!(idle.len(), 1, "not yet past the timeout");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        idle.sweep();
+        assert_eq!(idle.len(), 0);
     }
 
     #[tokio::test]
