@@ -65,6 +65,23 @@ pub enum CaError {
     },
 }
 
+/// Chooses the leaf of the ClientHello's SNI (lowercased), minted or cached by the node CA; a
+/// ClientHello without SNI, or a name the CA cannot mint for, gets none and the handshake fails.
+pub struct LeafResolver(Arc<NodeCa>);
+
+impl std::fmt::Debug for LeafResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeafResolver")
+    }
+}
+
+impl rustls::server::ResolvesServerCert for LeafResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        self.0.leaf(&name).ok()
+    }
+}
+
 /// The node CA and its leaf cache.
 pub struct NodeCa {
     issuer: Issuer<'static, KeyPair>,
@@ -164,6 +181,24 @@ impl NodeCa {
         Ok(certified)
     }
 
+    /// One server configuration for every name this CA mints leaves for: the certificate is
+    /// chosen by SNI ([`LeafResolver`]), ALPN offers `h2` and `http/1.1`, and TLS sessions are
+    /// cached (`sessions` entries, the oldest dropped first) so that clients which
+    /// resume them (RFC 8446 section 2.2) skip the certificate and its signature. Build it
+    /// once: a configuration per connection would start each one with an empty session cache.
+    pub fn server_config(self: &Arc<NodeCa>, sessions: usize) -> rustls::ServerConfig {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(LeafResolver(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(sessions);
+        config
+    }
+
     pub(crate) fn issuer_der(&self) -> Vec<u8> {
         rustls::pki_types::pem::PemObject::from_pem_slice(self.cert_pem.as_bytes())
             .map(|c: CertificateDer<'static>| c.to_vec())
@@ -247,6 +282,84 @@ mod tests {
                 .verify_server_cert(&leaf.cert[0], &leaf.cert[1..], &other, &[], now)
                 .is_err()
         );
+    }
+
+    /// Runs the handshake (and the server's session tickets) between two in-memory
+    /// connections; the server's error if it fails.
+    fn handshake(
+        client: &mut rustls::ClientConnection,
+        server: &mut rustls::ServerConnection,
+    ) -> Result<(), rustls::Error> {
+        loop {
+            let mut moved = false;
+            let mut bytes = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut bytes).unwrap();
+            }
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                moved = true;
+                server.read_tls(&mut rest).unwrap();
+                server.process_new_packets()?;
+            }
+            let mut bytes = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut bytes).unwrap();
+            }
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                moved = true;
+                client.read_tls(&mut rest).unwrap();
+                client.process_new_packets().unwrap();
+            }
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One configuration serves every name with its own leaf (verified by the client for that
+    /// name), refuses a ClientHello without SNI, and lets a client resume its session.
+    #[test]
+    fn one_server_config_serves_every_name_and_resumes_sessions() {
+        use rustls::{ClientConnection, HandshakeKind, ServerConnection};
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+        let ca = Arc::new(NodeCa::load_or_create(&cert, &key).unwrap());
+        let server = Arc::new(ca.server_config(16));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(ca.issuer_der())).unwrap();
+        let client = |sni: bool| {
+            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+            c.enable_sni = sni;
+            Arc::new(c)
+        };
+        let connect = |config: &Arc<rustls::ClientConfig>, name: &str| {
+            let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+            let mut c = ClientConnection::new(config.clone(), name).unwrap();
+            let mut s = ServerConnection::new(server.clone()).unwrap();
+            handshake(&mut c, &mut s).map(|()| c.handshake_kind())
+        };
+        let with_sni = client(true);
+        for name in ["api.stripe.com", "hooks.slack.com"] {
+            assert_eq!(
+                connect(&with_sni, name).unwrap(),
+                Some(HandshakeKind::Full),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            connect(&with_sni, "api.stripe.com").unwrap(),
+            Some(HandshakeKind::Resumed)
+        );
+        let err = connect(&client(false), "api.stripe.com").unwrap_err();
+        assert!(err.to_string().contains("no server certificate"), "{err}");
     }
 
     #[test]

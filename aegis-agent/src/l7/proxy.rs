@@ -50,6 +50,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// hundreds (hyper's server allows 200 concurrent streams).
 const UPSTREAM_CONNS_PER_CONN: usize = 16;
 
+/// Workload TLS sessions the enforcer keeps for resumption (a few hundred bytes each).
+const TLS_SESSIONS: usize = 4096;
+
 /// Most bytes of an unread request body read and dropped before an early refusal
 /// ([`refuse_unread`]).
 const DISCARD_MAX: usize = 64 * 1024;
@@ -84,7 +87,9 @@ pub struct L7Proxy {
 
 struct Shared {
     settings: Settings,
-    ca: NodeCa,
+    ca: Arc<NodeCa>,
+    /// TLS to workloads: one configuration (and session cache) for every connection.
+    server_tls: Arc<ServerConfig>,
     /// TLS to upstreams (ALPN `http/1.1` only: every request is re-originated over HTTP/1.1,
     /// see [`upstream`]).
     upstream_tls: TlsConnector,
@@ -256,9 +261,11 @@ impl L7Proxy {
                 }
             });
         }
+        let ca = Arc::new(ca);
         L7Proxy {
             shared: Arc::new(Shared {
                 settings,
+                server_tls: Arc::new(ca.server_config(TLS_SESSIONS)),
                 ca,
                 upstream_tls: client(&[b"http/1.1"]),
                 upstream_idle,
@@ -381,18 +388,14 @@ async fn serve_conn(
     if !inspected {
         return Err(Refusal::NotInspected { sni });
     }
-    let leaf = shared
+    // Minted (or found) here, so a name the CA refuses is reported; the configuration's
+    // resolver then finds it cached.
+    shared
         .ca
         .leaf(&sni)
         .map_err(|e| Refusal::Handshake(io::Error::other(e)))?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(leaf)));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(Arc::new(config)))
+    let config = shared.server_tls.clone();
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config))
         .await
         .map_err(|_| Refusal::Handshake(io::ErrorKind::TimedOut.into()))?
         .map_err(Refusal::Handshake)?;
