@@ -217,7 +217,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         state_backend(&args)?,
         approvals.clone(),
-    );
+    )
+    .context("L7 enforcer TLS")?;
     let node = Arc::new(Node {
         approvals,
         l7,

@@ -182,21 +182,34 @@ impl NodeCa {
     }
 
     /// One server configuration for every name this CA mints leaves for: the certificate is
-    /// chosen by SNI ([`LeafResolver`]), ALPN offers `h2` and `http/1.1`, and TLS sessions are
-    /// cached (`sessions` entries, the oldest dropped first) so that clients which
-    /// resume them (RFC 8446 section 2.2) skip the certificate and its signature. Build it
-    /// once: a configuration per connection would start each one with an empty session cache.
-    pub fn server_config(self: &Arc<NodeCa>, sessions: usize) -> rustls::ServerConfig {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(LeafResolver(self.clone())));
+    /// chosen by SNI ([`LeafResolver`]), ALPN offers `h2` and `http/1.1`, and clients get
+    /// session tickets (RFC 8446 section 4.6.1; keys in memory only, rotated every 6 hours) so
+    /// that those which resume (section 2.2) skip the certificate and its signature. Build it
+    /// once: tickets are only good for the configuration that issued them.
+    ///
+    /// TLS 1.3's `TLS_AES_128_GCM_SHA256` (the suite RFC 8446 section 9.1 makes mandatory) is
+    /// preferred over the client's order: its SHA-256 key schedule runs on the CPU's SHA
+    /// extensions, where *ring*'s SHA-384 (for `TLS_AES_256_GCM_SHA384`, which OpenSSL clients
+    /// list first) did not and took ~9 % of the enforcer's CPU with a connection per request
+    /// (docs/benchmarks.md, seventh session).
+    ///
+    /// # Errors
+    /// The ticket keys cannot be generated (no system randomness).
+    pub fn server_config(self: &Arc<NodeCa>) -> Result<rustls::ServerConfig, rustls::Error> {
+        let mut provider = rustls::crypto::ring::default_provider();
+        // A stable sort: the suite first, the others in the provider's order.
+        provider
+            .cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(LeafResolver(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config.session_storage = rustls::server::ServerSessionMemoryCache::new(sessions);
-        config
+        config.ignore_client_order = true;
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        Ok(config)
     }
 
     pub(crate) fn issuer_der(&self) -> Vec<u8> {
@@ -319,14 +332,15 @@ mod tests {
     }
 
     /// One configuration serves every name with its own leaf (verified by the client for that
-    /// name), refuses a ClientHello without SNI, and lets a client resume its session.
+    /// name), refuses a ClientHello without SNI, lets a client resume its session (a ticket),
+    /// and prefers AES-128-GCM.
     #[test]
     fn one_server_config_serves_every_name_and_resumes_sessions() {
         use rustls::{ClientConnection, HandshakeKind, ServerConnection};
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
         let ca = Arc::new(NodeCa::load_or_create(&cert, &key).unwrap());
-        let server = Arc::new(ca.server_config(16));
+        let server = Arc::new(ca.server_config().unwrap());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from(ca.issuer_der())).unwrap();
         let client = |sni: bool| {
@@ -344,7 +358,11 @@ mod tests {
             let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
             let mut c = ClientConnection::new(config.clone(), name).unwrap();
             let mut s = ServerConnection::new(server.clone()).unwrap();
-            handshake(&mut c, &mut s).map(|()| c.handshake_kind())
+            handshake(&mut c, &mut s)?;
+            // The client lists TLS_AES_256_GCM_SHA384 first (rustls' default order).
+            let suite = c.negotiated_cipher_suite().unwrap().suite();
+            assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+            Ok(c.handshake_kind())
         };
         let with_sni = client(true);
         for name in ["api.stripe.com", "hooks.slack.com"] {
@@ -358,7 +376,7 @@ mod tests {
             connect(&with_sni, "api.stripe.com").unwrap(),
             Some(HandshakeKind::Resumed)
         );
-        let err = connect(&client(false), "api.stripe.com").unwrap_err();
+        let err: rustls::Error = connect(&client(false), "api.stripe.com").unwrap_err();
         assert!(err.to_string().contains("no server certificate"), "{err}");
     }
 

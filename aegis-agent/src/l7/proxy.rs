@@ -50,9 +50,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// hundreds (hyper's server allows 200 concurrent streams).
 const UPSTREAM_CONNS_PER_CONN: usize = 16;
 
-/// Workload TLS sessions the enforcer keeps for resumption (a few hundred bytes each).
-const TLS_SESSIONS: usize = 4096;
-
 /// Most bytes of an unread request body read and dropped before an early refusal
 /// ([`refuse_unread`]).
 const DISCARD_MAX: usize = 64 * 1024;
@@ -219,6 +216,9 @@ impl L7Proxy {
     /// An enforcer terminating TLS with `ca`, re-originating TLS verified against
     /// `upstream_roots`, deciding with `decider`, serving connections on `runtimes` (at least
     /// one; one-thread runtimes keep each connection on one thread).
+    ///
+    /// # Errors
+    /// The TLS session ticket keys cannot be generated (no system randomness).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
@@ -233,7 +233,7 @@ impl L7Proxy {
         tokens: Option<TokenVerifier>,
         state: Backend,
         approvals: Arc<Approvals>,
-    ) -> L7Proxy {
+    ) -> Result<L7Proxy, rustls::Error> {
         let client = |alpn: &[&[u8]]| {
             let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
@@ -262,10 +262,11 @@ impl L7Proxy {
             });
         }
         let ca = Arc::new(ca);
-        L7Proxy {
+        let server_tls = ca.server_config()?;
+        Ok(L7Proxy {
             shared: Arc::new(Shared {
                 settings,
-                server_tls: Arc::new(ca.server_config(TLS_SESSIONS)),
+                server_tls: Arc::new(server_tls),
                 ca,
                 upstream_tls: client(&[b"http/1.1"]),
                 upstream_idle,
@@ -280,7 +281,7 @@ impl L7Proxy {
                 bound: Mutex::new(HashSet::new()),
             }),
             runtimes: runtimes.into(),
-        }
+        })
     }
 
     /// Binds the listeners of `identity` on `port` (once) and serves them in background
