@@ -53,7 +53,8 @@ const GATHER_TICK: Duration = Duration::from_millis(5);
 /// Records written between two syncs at most.
 pub const BATCH_RECORDS: usize = 512;
 /// Records queued for the writer at most, by default (`--audit-queue`): 64 Ki records, about
-/// 0.7 s of a saturated enforcer (~90,000 decisions/s), and tens of MiB of memory at most.
+/// 2.5 s of a saturated enforcer on the CI machine kind (~25,000 decisions/s,
+/// docs/benchmarks.md) and ~45 MiB of memory at ~700 bytes a record.
 pub const DEFAULT_QUEUE: usize = 65_536;
 
 /// What becomes of a call whose audit record finds no room in the queue (the writer fell

@@ -297,38 +297,31 @@ mod tests {
         );
     }
 
-    /// Runs the handshake (and the server's session tickets) between two in-memory
-    /// connections; the server's error if it fails.
-    fn handshake(
-        client: &mut rustls::ClientConnection,
-        server: &mut rustls::ServerConnection,
-    ) -> Result<(), rustls::Error> {
-        loop {
-            let mut moved = false;
-            let mut bytes = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut bytes).unwrap();
-            }
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                moved = true;
-                server.read_tls(&mut rest).unwrap();
-                server.process_new_packets()?;
-            }
-            let mut bytes = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut bytes).unwrap();
-            }
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                moved = true;
-                client.read_tls(&mut rest).unwrap();
-                client.process_new_packets().unwrap();
-            }
-            if !moved {
-                return Ok(());
-            }
+    /// Moves what `from` has to write into `to`; whether there was anything.
+    fn pump(
+        from: &mut rustls::Connection,
+        to: &mut rustls::Connection,
+    ) -> Result<bool, rustls::Error> {
+        let mut bytes = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut bytes).unwrap();
         }
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets()?;
+        }
+        Ok(!bytes.is_empty())
+    }
+
+    /// Runs the handshake (and the server's session tickets) between two in-memory
+    /// connections; the first error if it fails.
+    fn handshake(
+        client: &mut rustls::Connection,
+        server: &mut rustls::Connection,
+    ) -> Result<(), rustls::Error> {
+        while pump(client, server)? | pump(server, client)? {}
+        Ok(())
     }
 
     /// One configuration serves every name with its own leaf (verified by the client for that
@@ -356,8 +349,8 @@ mod tests {
         };
         let connect = |config: &Arc<rustls::ClientConfig>, name: &str| {
             let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-            let mut c = ClientConnection::new(config.clone(), name).unwrap();
-            let mut s = ServerConnection::new(server.clone()).unwrap();
+            let mut c = ClientConnection::new(config.clone(), name).unwrap().into();
+            let mut s = ServerConnection::new(server.clone()).unwrap().into();
             handshake(&mut c, &mut s)?;
             // The client lists TLS_AES_256_GCM_SHA384 first (rustls' default order).
             let suite = c.negotiated_cipher_suite().unwrap().suite();

@@ -85,7 +85,7 @@ pub struct L7Proxy {
 struct Shared {
     settings: Settings,
     ca: Arc<NodeCa>,
-    /// TLS to workloads: one configuration (and session cache) for every connection.
+    /// TLS to workloads: one configuration (and session ticket keys) for every connection.
     server_tls: Arc<ServerConfig>,
     /// TLS to upstreams (ALPN `http/1.1` only: every request is re-originated over HTTP/1.1,
     /// see [`upstream`]).
@@ -657,16 +657,19 @@ async fn decide_and_forward(
             }
         }
     }
-    // A priced call is charged to the identity's (and tool's) budget before it leaves: its
-    // fixed price, or the reservation bounding an LLM call's cost; refunded if it does not get
-    // through, settled to the reported usage when an LLM response ends.
-    // A metered LLM call writes a second record (`llm_usage`) when its response ends.
+    // A metered LLM call writes a second record (`llm_usage`) when its response ends: its
+    // room is taken now, before anything is charged or forwarded.
     let mut usage_slot = None;
     if priced.llm.is_some() {
         usage_slot = shared.audit.reserve();
         if usage_slot.is_none() && shared.settings.audit_full == OnFull::Closed {
             return refuse(Refusal::AuditUnavailable);
         }
+    }
+    // A priced call is charged to the identity's (and tool's) budget before it leaves: its
+    // fixed price, or the reservation bounding an LLM call's cost; refunded if it does not get
+    // through, settled to the reported usage when an LLM response ends.
+    if priced.llm.is_some() {
         record.estimated_cost_usd = Some(priced.amount as f64 / 1e6);
         record.cost_settled_later = true;
     }

@@ -67,10 +67,10 @@ pub enum UpstreamError {
     Exchange(#[source] hyper::Error),
 }
 
-/// Longest an upstream connection is kept idle: under the 60 s idle timeout common upstreams
-/// and load balancers close connections after (nginx's `keepalive_timeout` and AWS ALB's
-/// default), so a kept connection is rarely one the upstream is closing; one that it closed
-/// meanwhile is caught by [`Pool::send`].
+/// Longest an upstream connection is kept idle: under the 60 s after which common upstreams
+/// close idle connections (AWS ALB's default idle timeout, nginx's upstream
+/// `keepalive_timeout`), so a kept connection is rarely one the upstream is closing; one that
+/// it closed meanwhile is caught by [`Pool::send`].
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Idle connections kept at most per identity, address, SNI and thread (the newest are kept).
 pub const IDLE_PER_KEY: usize = 32;
