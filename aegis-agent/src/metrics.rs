@@ -246,6 +246,7 @@ pub struct Metrics {
     dns_queries: Family<DnsLabels, Counter>,
     dns_duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
     approvals_pending: Gauge,
+    audit_dropped: Counter,
 }
 
 /// The process's metrics.
@@ -332,6 +333,14 @@ impl Metrics {
             "L7 requests waiting for a human approval",
             Gauge::default(),
         );
+        let audit_dropped = r.add(
+            "aegis_audit_records_dropped",
+            None,
+            &[],
+            "Audit records dropped because the audit writer's queue was full (a stalled or \
+             full disk)",
+            Counter::default(),
+        );
         Metrics {
             catalogue: r.families,
             registry: r.registry,
@@ -343,6 +352,7 @@ impl Metrics {
             dns_queries,
             dns_duration,
             approvals_pending,
+            audit_dropped,
         }
     }
 
@@ -442,6 +452,11 @@ impl Metrics {
     /// Sets the number of approvals waiting for a human.
     pub fn set_approvals_pending(&self, n: i64) {
         self.approvals_pending.set(n);
+    }
+
+    /// Counts one audit record dropped for lack of room in the queue.
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.inc();
     }
 }
 
@@ -762,7 +777,7 @@ mod tests {
                 .collect();
             assert_eq!(labels, d.labels, "{line}");
         }
-        assert_eq!(m.catalogue().len(), 8);
+        assert_eq!(m.catalogue().len(), 9);
     }
 
     #[test]

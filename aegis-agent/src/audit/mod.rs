@@ -106,6 +106,12 @@ struct Room {
 }
 
 impl Room {
+    /// Counts a record dropped (here and in `aegis_audit_records_dropped_total`).
+    fn dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().audit_dropped();
+    }
+
     fn take(self: &Arc<Room>) -> Option<Slot> {
         if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
             self.pending.fetch_sub(1, Ordering::AcqRel);
@@ -210,9 +216,7 @@ impl AuditLog {
     pub fn append<T: Serialize>(&self, record: &T) {
         match self.reserve() {
             Some(slot) => self.append_in(slot, record),
-            None => {
-                self.room.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            None => self.room.dropped(),
         }
     }
 
@@ -239,9 +243,7 @@ impl AuditLog {
         // holds. `Disconnected`: the writer is gone.
         match self.tx.try_send(Msg::Record(SystemTime::now(), body)) {
             Ok(()) => slot.spent = true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.room.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.room.dropped(),
         }
     }
 
@@ -485,11 +487,22 @@ mod tests {
         thread::sleep(BATCH_INTERVAL * 3);
         let mut slots: Vec<Slot> = (0..4).map(|_| log.reserve().expect("room")).collect();
         assert!(log.reserve().is_none(), "a reservation past the capacity");
+        let exported = || {
+            crate::metrics::global()
+                .encode()
+                .lines()
+                .find_map(|l| l.strip_prefix("aegis_audit_records_dropped_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .expect("the counter is exported")
+        };
+        let before = exported();
         log.append(&Rec {
             kind: "unreserved",
             n: 9,
         });
         assert_eq!(log.dropped(), 1);
+        // Other tests of this process may drop records too: at least this one is counted.
+        assert!(exported() >= before + 1.0);
         drop(slots.pop());
         slots.push(log.reserve().expect("the room an unspent slot gave back"));
         for (n, slot) in (1..).zip(slots) {
