@@ -119,13 +119,8 @@ impl IdleConns {
     fn take(&self, key: &IdleKey) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().expect("lock poisoned");
         let conns = idle.get_mut(key)?;
-        let taken = conns
-            .pop()
-            .filter(|(_, since)| since.elapsed() < self.timeout);
-        if taken.is_none() {
-            // The newest was too old: so are the others.
-            conns.clear();
-        }
+        self.expire(conns, Instant::now());
+        let taken = conns.pop();
         if conns.is_empty() {
             idle.remove(key);
         }
@@ -139,7 +134,7 @@ impl IdleConns {
         let now = Instant::now();
         let mut idle = self.idle.lock().expect("lock poisoned");
         idle.retain(|_, conns| {
-            conns.retain(|(_, since)| now.duration_since(*since) < self.timeout);
+            self.expire(conns, now);
             !conns.is_empty()
         });
     }
@@ -161,13 +156,15 @@ impl IdleConns {
         let now = Instant::now();
         let mut idle = self.idle.lock().expect("lock poisoned");
         let conns = idle.entry(key.clone()).or_default();
-        let expired = conns
-            .iter()
-            .take_while(|(_, since)| now.duration_since(*since) >= self.timeout)
-            .count();
-        let over = (conns.len() - expired + 1).saturating_sub(self.per_key);
-        conns.drain(..expired + over);
+        self.expire(conns, now);
+        let over = (conns.len() + 1).saturating_sub(self.per_key);
+        conns.drain(..over);
         conns.push((sender, now));
+    }
+
+    /// Drops the connections of `conns` idle past the timeout at `now`.
+    fn expire(&self, conns: &mut Kept, now: Instant) {
+        conns.retain(|(_, since)| now.duration_since(*since) < self.timeout);
     }
 }
 
