@@ -713,6 +713,38 @@ fn names_file_and_line(log: &str, file: &str) -> bool {
     })
 }
 
+/// A CLI command writing into a pipe nobody reads (`aegis-agent metrics | head` once `head`
+/// is gone) ends of SIGPIPE, quietly, instead of panicking on the write.
+#[test]
+fn cli_output_into_a_closed_pipe_ends_quietly() {
+    use std::os::{fd::FromRawFd as _, unix::process::ExitStatusExt as _};
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills the two descriptors; the read end is closed at once, the write end
+    // handed to the child as its stdout (and owned by the Stdio from here).
+    let stdout = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        std::process::Stdio::from(std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+    };
+    let out = std::process::Command::new(aegis_tests::world::agent_bin())
+        .arg("metrics")
+        .stdout(stdout)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn policy_check_reports_file_and_line() {
     let bin = aegis_tests::world::agent_bin();
