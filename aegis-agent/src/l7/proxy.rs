@@ -409,17 +409,18 @@ async fn serve_conn(
         peer: peer.to_string(),
         ..identity_record(identity)
     };
+    let key = identity.to_string();
     let conn = Arc::new(Conn {
         identity: identity.clone(),
-        key: identity.to_string(),
         upstream: upstream::Pool::new(
             shared.upstream_tls.clone(),
             sni.clone(),
             origin_addr,
             UPSTREAM_CONNS_PER_CONN,
-            identity.to_string(),
+            key.clone(),
             shared.upstream_idle.clone(),
         ),
+        key,
         sni,
         host_header,
         origin: origin_addr,
